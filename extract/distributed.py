@@ -1,0 +1,98 @@
+"""Several processes (``torchrun``): who does which blocks, and joining their shards.
+
+Under ``torchrun --nproc_per_node=G -m mcpipe extract ...`` every rank takes a
+contiguous range of the split's blocks and writes it, resumably, into its own
+shard store; after a barrier rank 0 copies the shards into ``<split>.h5`` and
+removes them. Block boundaries are those of a single-process run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import torch
+import torch.distributed as dist
+
+from mcpipe.store.reader import open_store
+from mcpipe.store.writer import StoreWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (a single process when absent)."""
+        return cls(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                   local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(info: DistInfo, device: torch.device) -> None:
+    """Join the process group (nccl on CUDA, gloo on CPU) if running under torchrun."""
+    if not info.enabled or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # extraction of a large split takes hours; ranks wait for the slowest at the barrier
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=12))
+    log.info("rank %d of %d joined the %s process group", info.rank, info.world_size, backend)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def block_range(num_blocks: int, info: DistInfo) -> tuple[int, int]:
+    """The contiguous blocks ``[first, stop)`` of this rank (sizes differ by at most one)."""
+    first = num_blocks * info.rank // info.world_size
+    stop = num_blocks * (info.rank + 1) // info.world_size
+    return first, stop
+
+
+def shard_path(out: Path, split: str, info: DistInfo) -> Path:
+    return out / ".shards" / f"{split}.rank{info.rank}-of-{info.world_size}.h5"
+
+
+def join_shards(shards: list[tuple[Path, int]], writer: StoreWriter) -> None:
+    """Copy complete shard stores into ``writer``; ``shards`` = [(path, first_block)].
+
+    Every shard's block ``i`` is block ``first_block + i`` of the full store.
+    Blocks the full store already has are not copied again.
+    """
+    pending = set(writer.pending_blocks())
+    for path, first in shards:
+        shard = open_store(path, allow_incomplete=False, load_features=False)
+        with h5py.File(path, "r") as f:
+            feats, skipped = f["features"], f["skipped"]
+            nb = -(-shard.num_rows // writer.block_rows)
+            for i in range(nb):
+                b = first + i
+                if b not in pending:
+                    continue
+                lo = i * writer.block_rows
+                hi = min(lo + writer.block_rows, shard.num_rows)
+                writer.write_block(b, feats[lo:hi], skipped[lo:hi])
+    writer.commit()

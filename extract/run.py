@@ -1,0 +1,241 @@
+"""``mcpipe extract``: the stage's one entry point, ``run(cfg, ...)``.
+
+For each split: build the index, open (or resume) its store, extract the
+blocks still missing, close. Under torchrun, ranks write shards that rank 0
+joins (see ``distributed.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import mcpipe
+from mcpipe.config import Config, to_toml
+from mcpipe.errors import ConfigError, DataError
+from mcpipe.extract import distributed
+from mcpipe.extract.backbones import Backbone, build_backbone, optimize_for_inference
+from mcpipe.extract.data import BlockSampler, IndexImages
+from mcpipe.extract.distributed import DistInfo
+from mcpipe.extract.engine import extract_blocks
+from mcpipe.extract.preprocess import Preprocess, eval_transform, preprocess_for
+from mcpipe.extract.sources.base import SplitIndex
+from mcpipe.extract.sources.registry import available_splits, load_index
+from mcpipe.progress import progress_bar
+from mcpipe.store.schema import SCHEMA_VERSION
+from mcpipe.store.writer import StoreSpec, StoreWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitResult:
+    split: str
+    path: Path
+    rows: int                  # rows in the store
+    extracted: int = 0         # images run through the network by this command
+    seconds: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)
+    complete: bool = False
+    already_done: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"extract.device = {name!r} but no CUDA device is available; use cpu or auto")
+        if name == "cuda":
+            name = f"cuda:{info.local_rank}"
+    return torch.device(name)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding processes: on CPU they compete with the network for cores, so few."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return max(1, min(16, cores - 1))
+    return max(1, min(4, cores // 4))
+
+
+def _fingerprint(parts: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def store_spec(cfg: Config, index: SplitIndex, backbone: Backbone, pre: Preprocess, *,
+               precision: str, device: torch.device, block_rows: int) -> StoreSpec:
+    """The rows and provenance of ``index``'s store."""
+    prov = backbone.provenance
+    meaning = {  # what changes feature values: a store resumed with any other is refused
+        "backbone": prov["backbone"], "weights_sha256": prov["weights_sha256"], "random_init": prov["random_init"],
+        "weights": prov["weights"] if not prov["weights_sha256"] else "", "preprocessing": pre.to_dict(),
+        "dtype": cfg.store.dtype, "precision": precision, "feature_dim": backbone.feature_dim,
+        "schema": SCHEMA_VERSION,
+    }
+    attrs = {
+        "mcpipe_version": mcpipe.__version__,
+        "dataset": index.source,
+        "split": index.split,
+        "class_names": np.array(index.classes, dtype=h5py.string_dtype()),
+        "backbone": prov["backbone"],
+        "weights": prov["weights"],
+        "weights_sha256": prov["weights_sha256"],
+        "random_init": bool(prov["random_init"]),
+        "image_size": pre.image_size,
+        "preprocessing": json.dumps(pre.to_dict(), sort_keys=True),
+        "precision": precision,
+        "device": str(device),
+        "data_root": str(index.root),
+        "source_fingerprint": index.fingerprint(),
+        "config_fingerprint": _fingerprint(meaning),
+        "config_toml": to_toml(cfg, ("data", "extract", "store")),
+        "created_unix": time.time(),
+    }
+    return StoreSpec(ids=index.ids, labels=index.labels, clean_labels=index.clean_labels,
+                     verified=index.verified, feature_dim=backbone.feature_dim, dtype=cfg.store.dtype,
+                     block_rows=block_rows, chunk_rows=cfg.store.chunk_rows, attrs=attrs)
+
+
+def _existing_block_rows(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f.attrs["block_rows"])
+    except (OSError, KeyError):
+        return None  # StoreWriter.open explains what is wrong with it
+
+
+class _Extractor:
+    """Runs one split's blocks through the model into a store."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, pre: Preprocess, device: torch.device, bar):
+        self.cfg = cfg
+        self.model = model
+        self.pre = pre
+        self.device = device
+        self.bar = bar
+        workers = cfg.extract.num_workers
+        self.workers = default_workers(device) if workers < 0 else workers
+
+    def fill(self, writer: StoreWriter, index: SplitIndex, *, offset: int, label: str) -> tuple[int, dict, float]:
+        """Extract the pending blocks of ``writer`` (rows of ``index`` from ``offset``)."""
+        blocks = writer.pending_blocks()
+        if not blocks:
+            return 0, {}, 0.0
+        sampler = BlockSampler(blocks, block_rows=writer.block_rows, num_rows=writer.spec.num_rows, offset=offset)
+        dataset = IndexImages(index, eval_transform(self.pre), image_size=self.pre.image_size,
+                              min_size=self.pre.resize)
+        cuda = self.device.type == "cuda"
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.workers, pin_memory=cuda,
+                            prefetch_factor=4 if self.workers > 0 else None)
+        todo = sum(len(sampler.rows(b)) for b in blocks)
+        task = self.bar.add_task(label, total=todo)
+        writer.on_commit = lambda done: log.debug("%s: committed blocks %s", label, done)
+        start = time.perf_counter()
+        stats = extract_blocks(self.model, loader, blocks, writer, device=self.device,
+                               ids=index.ids, strict=self.cfg.extract.strict,
+                               on_batch=lambda n: self.bar.advance(task, n))
+        return stats.images, stats.skipped, time.perf_counter() - start
+
+
+def _already_complete(path: Path, spec: StoreSpec) -> bool:
+    if not path.exists():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            a = f.attrs
+            return bool(a.get("complete")) and a.get("source_fingerprint") == spec.attrs["source_fingerprint"] \
+                and a.get("config_fingerprint") == spec.attrs["config_fingerprint"]
+    except OSError:
+        return False
+
+
+def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, info: DistInfo,
+                  overwrite: bool) -> SplitResult:
+    """Extract one split into ``out/<split>.h5`` (through shards under torchrun)."""
+    path = out / f"{index.split}.h5"
+    block_rows = (None if overwrite else _existing_block_rows(path)) or ex.cfg.extract.batch_size
+    spec = spec_for(index, block_rows)
+    result = SplitResult(split=index.split, path=path, rows=len(index))
+    if not overwrite and _already_complete(path, spec):
+        result.complete = result.already_done = True
+        log.info("%s is complete already; nothing to do (--overwrite to extract again)", path)
+        return result
+    if not info.enabled:
+        with StoreWriter.open(path, spec, overwrite=overwrite, sync_seconds=ex.cfg.store.sync_seconds) as writer:
+            if block_rows != ex.cfg.extract.batch_size:
+                log.info("resuming %s in its own blocks of %d rows", path, block_rows)
+            result.extracted, result.skipped, result.seconds = ex.fill(writer, index, offset=0, label=index.split)
+        result.complete = bool(_already_complete(path, spec))
+        return result
+
+    num_blocks = -(-len(index) // block_rows)
+    ranges = [distributed.block_range(num_blocks, DistInfo(r, info.world_size)) for r in range(info.world_size)]
+    first, stop = ranges[info.rank]
+    lo, hi = first * block_rows, min(stop * block_rows, len(index))
+    shard_index = index.take(np.arange(lo, hi))
+    shard = distributed.shard_path(out, index.split, info)
+    with StoreWriter.open(shard, spec_for(shard_index, block_rows), overwrite=overwrite,
+                          sync_seconds=ex.cfg.store.sync_seconds) as writer:
+        result.extracted, result.skipped, result.seconds = ex.fill(
+            writer, shard_index, offset=0, label=f"{index.split} [rank {info.rank}]")
+    distributed.barrier(info)
+    if info.is_main:
+        shards = [(distributed.shard_path(out, index.split, DistInfo(r, info.world_size)), ranges[r][0])
+                  for r in range(info.world_size)]
+        with StoreWriter.open(path, spec, overwrite=overwrite, sync_seconds=ex.cfg.store.sync_seconds) as writer:
+            distributed.join_shards(shards, writer)
+        for p, _ in shards:
+            p.unlink(missing_ok=True)
+        log.info("joined %d shards into %s", len(shards), path)
+    distributed.barrier(info)
+    result.complete = _already_complete(path, spec)
+    return result
+
+
+def run(cfg: Config, *, out: Path | None = None, overwrite: bool = False, progress: bool = True) -> list[SplitResult]:
+    """Extract every configured split of ``cfg.data`` into stores under ``out``."""
+    out = Path(out if out is not None else cfg.store.dir)
+    info = DistInfo.from_env()
+    device = resolve_device(cfg.extract.device, info)
+    distributed.init(info, device)
+    try:
+        splits = list(cfg.data.splits) or available_splits(cfg.data)
+        indexes = [load_index(cfg.data, s) for s in splits]  # all indexes first: bad data fails before any work
+        backbone = build_backbone(cfg.extract.backbone, cfg.extract.weights, image_size=cfg.extract.image_size)
+        pre = preprocess_for(cfg.extract.backbone, cfg.extract.image_size, cfg.extract.resize)
+        precision = "bf16" if device.type == "cuda" else "fp32"
+        model = optimize_for_inference(backbone, device)
+        out.mkdir(parents=True, exist_ok=True)
+        results = []
+        with progress_bar(progress and info.is_main) as bar:
+            ex = _Extractor(cfg, model, pre, device, bar)
+
+            def spec_for(index: SplitIndex, block_rows: int) -> StoreSpec:
+                return store_spec(cfg, index, backbone, pre, precision=precision, device=device,
+                                  block_rows=block_rows)
+
+            for index in indexes:
+                results.append(extract_split(ex, index, spec_for, out=out, info=info, overwrite=overwrite))
+        if info.is_main:
+            (out / "config.toml").write_text(to_toml(cfg, ("data", "extract", "store")), encoding="utf-8")
+        return results
+    finally:
+        distributed.shutdown(info)

@@ -1,0 +1,1 @@
+"""Stage 3: end-to-end training of backbone + cleaner + classifier."""

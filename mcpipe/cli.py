@@ -1,0 +1,165 @@
+"""The ``mcpipe`` command: parse, build the config, call the stage's ``run``.
+
+No ML logic lives here. User errors (:class:`mcpipe.errors.MCPipeError`) become
+one line on stderr and a non-zero exit: 2 for usage/config, 1 for data.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from mcpipe.config import Config, load_config, replace
+from mcpipe.errors import ConfigError, MCPipeError
+
+app = typer.Typer(
+    name="mcpipe",
+    help="MetaCleaner for noisy-labelled image classification: extract features, train the head, fine-tune.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_CONFIG = Path("pipeline.toml")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (default: ./pipeline.toml if it exists).")
+SetOpt = typer.Option(None, "--set", "-s", metavar="SECTION.KEY=VALUE",
+                      help="Override one config key; repeatable, e.g. --set data.limit=1000.")
+LogOpt = typer.Option("info", "--log-level", help="debug, info, warning or error.")
+
+
+def _setup_logging(level: str) -> None:
+    lvl = getattr(logging, level.upper(), None)
+    if not isinstance(lvl, int):
+        raise ConfigError(f"--log-level {level!r} is invalid: expected debug, info, warning or error")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if lvl <= logging.DEBUG
+                                           else "%(message)s"))
+    root = logging.getLogger("mcpipe")
+    root.handlers[:] = [handler]
+    root.setLevel(lvl)
+    root.propagate = False
+
+
+def _config(path: Optional[Path], sets: Optional[list[str]]) -> Config:
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    return load_config(path, sets or [])
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn user errors into one line + exit code; Ctrl-C into a resumable stop."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MCPipeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: what was written is kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@guarded
+def extract(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store folder (default: [store] dir): <out>/<split>.h5."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace stores instead of resuming or refusing them."),
+    strict: Optional[bool] = typer.Option(None, "--strict/--skip-bad", help="Stop at an unreadable image / skip and record it."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    log_level: str = LogOpt,
+) -> None:
+    """Cache backbone features of every split in HDF5 stores (resumable; torchrun for several devices)."""
+    _setup_logging(log_level)
+    cfg = _config(config, set_)
+    flags = {k: v for k, v in {"strict": strict, "device": device}.items() if v is not None}
+    if flags:
+        cfg = replace(cfg, "extract", **flags)
+    from mcpipe.extract.run import run  # heavy imports (torch) only when needed
+
+    results = run(cfg, out=out, overwrite=overwrite, progress=progress and sys.stderr.isatty())
+    for r in results:
+        typer.echo(_summary_line(r))
+
+
+def _summary_line(r) -> str:  # noqa: ANN001 - extract.run.SplitResult
+    if r.already_done:
+        return f"{r.split}: {r.rows:,} rows in {r.path}, complete already"
+    skipped = sum(r.skipped.values())
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(r.skipped.items()))
+    state = "complete" if r.complete else "INCOMPLETE"
+    return (f"{r.split}: {r.rows:,} rows -> {r.path} ({state}); {r.extracted:,} extracted in {r.seconds:.1f} s "
+            f"({r.images_per_second:,.1f} img/s); {skipped} skipped" + (f" ({why})" if skipped else ""))
+
+
+@app.command()
+@guarded
+def inspect(
+    store: Path = typer.Argument(..., help="A store file, e.g. features/train.h5."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    allow_incomplete: bool = typer.Option(True, "--allow-incomplete/--require-complete",
+                                          help="Describe a store that is still being written."),
+    log_level: str = LogOpt,
+) -> None:
+    """Describe a feature store: size, classes, clean labels, skipped images, provenance."""
+    _setup_logging(log_level)
+    from mcpipe.store.reader import open_store
+    from mcpipe.store.summary import describe
+
+    summary = describe(open_store(store, allow_incomplete=allow_incomplete))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    typer.echo(format_summary(summary))
+
+
+def format_summary(s: dict) -> str:
+    prov = s["provenance"]
+    lines = [
+        f"store       {s['path']}",
+        f"rows        {s['rows']:,} ({s['usable_rows']:,} usable, {s['skipped']} skipped)"
+        f"   complete: {'yes' if s['complete'] else 'NO'}",
+        f"features    {s['feature_dim']}-d {s['dtype']}",
+        f"data        {prov['dataset']} / {prov['split']}  ({prov['data_root']})",
+        f"backbone    {prov['backbone']}  weights={prov['weights']}"
+        + ("  (RANDOM INIT)" if prov["random_init"] else f"  sha256={str(prov['weights_sha256'])[:16]}"),
+        f"preprocess  {prov['preprocessing']}  precision={prov['precision']} on {prov['device']}",
+        f"clean       {100 * s['known_clean_fraction']:.1f}% of rows have a known clean label"
+        + (f"; given label correct on {100 * s['given_label_agreement']:.1f}% of them"
+           if s["given_label_agreement"] is not None else ""),
+    ]
+    if "verified" in s:
+        v = s["verified"]
+        lines.append(f"verified    {v['correct']:,} correct, {v['wrong']:,} wrong, {v['unverified']:,} unverified")
+    counts = s["class_counts"]
+    lines.append(f"classes     {s['num_classes']} (rows per class: min {min(counts.values()):,}, "
+                 f"max {max(counts.values()):,})")
+    for name, c in counts.items():
+        lines.append(f"  {c:>9,}  {name}")
+    if s["skipped"]:
+        lines.append("skipped     " + ", ".join(f"{n} {r}" for r, n in s["skipped_by_reason"].items()))
+        for e in s["skipped_examples"]:
+            lines.append(f"  {e['reason']:<10} {e['id']}")
+    lines.append(f"mcpipe      {prov['mcpipe_version']} (schema {prov['schema_version']})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

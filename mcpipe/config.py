@@ -1,0 +1,251 @@
+"""Configuration: frozen dataclasses mirroring the tables of ``pipeline.toml``.
+
+Precedence: CLI flags > ``--set section.key=value`` > the TOML file > defaults.
+Unknown sections or keys are refused with the valid names listed; values are
+type-checked against the field annotations, ranges in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mcpipe.errors import ConfigError
+
+SourceName = Literal["imagefolder", "manifest", "food101n", "clothing1m", "fashion-mnist", "mnist", "cifar10"]
+BackboneName = Literal[
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    "wide_resnet50_2", "wide_resnet101_2", "efficientnet_lite0",
+]
+
+
+def _check(cond: bool, key: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: SourceName = "imagefolder"
+    """Layout of the data set: imagefolder, manifest, food101n, clothing1m, fashion-mnist, mnist, cifar10."""
+    root: str = "data"
+    """Folder that holds the data set, in the layout `source` names."""
+    test_root: str = ""
+    """Root of a separate test set (Food-101 for food101n); empty = <root>/../food-101."""
+    splits: tuple[str, ...] = ()
+    """Splits to extract, e.g. ["train", "test"]; empty = every split the source has."""
+    limit: int = 0
+    """Images per split, 0 = all; a quick run takes a seeded subset."""
+    subset: Literal["random", "first"] = "random"
+    """How `limit` picks images: a seeded random subset or the first ones."""
+    seed: int = 0
+    """Seed of the random subset."""
+
+    def __post_init__(self) -> None:
+        _check(self.limit >= 0, "data.limit", self.limit, "an integer >= 0 (0 = all)")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    backbone: BackboneName = "resnet50"
+    """Feature network: torchvision ResNets (resnet50: 2048-d) or efficientnet_lite0 (1280-d)."""
+    weights: str = "DEFAULT"
+    """DEFAULT (the network's ImageNet weights), a torchvision weights name such as IMAGENET1K_V2, a local state_dict path, or none (random init)."""
+    image_size: int = 224
+    """Side of the center crop fed to the network, in pixels."""
+    resize: int = 0
+    """Shorter side after resizing, before the crop; 0 = image_size / 0.875 (256 for 224)."""
+    batch_size: int = 64
+    """Images per forward pass; also the block size the store is written and resumed in."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    num_workers: int = -1
+    """DataLoader worker processes decoding images; -1 = auto."""
+    strict: bool = False
+    """Stop at the first unreadable image instead of skipping and recording it."""
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.image_size <= 1024, "extract.image_size", self.image_size, "an integer in [16, 1024]")
+        _check(self.resize == 0 or self.resize >= self.image_size, "extract.resize", self.resize,
+               f"0 (auto) or an integer >= image_size ({self.image_size})")
+        _check(self.batch_size >= 1, "extract.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.num_workers >= -1, "extract.num_workers", self.num_workers, "-1 (auto) or an integer >= 0")
+        dev = self.device
+        ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
+        _check(ok, "extract.device", dev, "auto, cpu, cuda or cuda:N")
+        _check(bool(self.weights.strip()), "extract.weights", self.weights,
+               "DEFAULT, a torchvision weights name, a file path or none")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    dir: str = "features"
+    """Folder of the feature stores: one HDF5 file per split, <dir>/<split>.h5."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Feature precision on disk."""
+    chunk_rows: int = 256
+    """Rows per HDF5 chunk: a contiguous block or a class's rows are read in few chunks."""
+    sync_seconds: float = 5.0
+    """Longest time between fsyncs of the store while writing (what a power loss can cost)."""
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_rows >= 1, "store.chunk_rows", self.chunk_rows, "an integer >= 1")
+        _check(self.sync_seconds >= 0, "store.sync_seconds", self.sync_seconds, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the field's type."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key} = {value!r} is invalid: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(key, v, item_tp) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise AssertionError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            where = f"[{prefix}]" if prefix else "the config"
+            raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{key} in {where}; valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"section.key=value"`` -> (section, key, value); value parsed as TOML, else a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r} is invalid: expected section.key=value, e.g. data.limit=1000")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words: --set data.source=mnist
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < TOML file at ``path`` (if given) < ``overrides`` ("section.key=value")."""
+    tables: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (pass --config PATH)")
+        try:
+            tables = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    tables = {k: dict(v) if isinstance(v, dict) else v for k, v in tables.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        tables.setdefault(section, {})
+        if not isinstance(tables[section], dict):
+            raise ConfigError(f"[{section}] in the config is not a table")
+        tables[section][key] = value
+    return config_from_dict(tables)
+
+
+def config_from_dict(tables: dict[str, Any]) -> Config:
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    built = {}
+    for name, values in tables.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section [{name}] in the config; valid sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] in the config must be a table of keys, got {values!r}")
+        built[name] = _build(hints[name], values, name)
+    return Config(**built)
+
+
+def replace(cfg: Config, section: str, **changes: Any) -> Config:
+    """A copy of ``cfg`` with keys of one section changed (CLI flags use this)."""
+    sub = getattr(cfg, section)
+    values = {**dataclasses.asdict(sub), **changes}
+    return dataclasses.replace(cfg, **{section: _build(type(sub), values, section)})
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: Config, sections: tuple[str, ...] | None = None) -> str:
+    """The resolved config as TOML text (the ``config.toml`` saved beside outputs)."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        if sections is not None and f.name not in sections:
+            continue
+        lines.append(f"[{f.name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, f.name)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_hash(cfg: Config, sections: tuple[str, ...] | None = None) -> str:
+    return hashlib.sha256(to_toml(cfg, sections).encode()).hexdigest()[:16]

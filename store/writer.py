@@ -1,0 +1,224 @@
+"""Resumable, crash-safe writer of one feature store.
+
+How it survives Ctrl-C, ``kill -9`` and power loss:
+
+* The file is built under a temporary name (static datasets -- ids, labels --
+  written in full) and renamed into place, so a half-created store never
+  exists under the real name.
+* ``features`` is chunked by rows with every chunk allocated at creation
+  (``ALLOC_TIME_EARLY``, no compression): writing rows later changes raw data
+  only, never HDF5 metadata, so an interrupted writer cannot leave the file's
+  structure inconsistent.
+* Rows are written in fixed blocks. A block's features are written and
+  flushed first; its ``written`` flags are set only after an fsync (every
+  ``sync_seconds``), so a flag on disk always means the features are on disk.
+  A resumed run recomputes exactly the blocks not flagged; with the same block
+  boundaries the finished store is identical to an uninterrupted one.
+* HDF5's file lock keeps a second process from writing the same store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mcpipe.errors import DataError
+from mcpipe.store.schema import FEATURE_DTYPES, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything that defines a store's rows and the meaning of its features."""
+
+    ids: list[str]
+    labels: np.ndarray            # (N,) int64
+    clean_labels: np.ndarray      # (N,) int64, -1 unknown
+    feature_dim: int
+    dtype: str                    # "float16" | "float32"
+    block_rows: int
+    chunk_rows: int
+    attrs: dict[str, Any]         # provenance; must hold source_fingerprint and config_fingerprint
+    verified: np.ndarray | None = None  # (N,) int8, optional
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+
+def _open_h5(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except BlockingIOError:
+        raise DataError(f"store {path} is open in another process (another mcpipe extract?); wait for it or "
+                        "choose another --out") from None
+    except OSError as exc:
+        if "lock" in str(exc).lower():
+            raise DataError(f"store {path} is locked by another process (another mcpipe extract?); wait for it "
+                            "or choose another --out") from None
+        raise DataError(f"cannot open store {path}: {exc}") from None
+
+
+def _create(path: Path, spec: StoreSpec) -> None:
+    """Write a new, empty store to a temporary file and rename it to ``path``."""
+    if spec.dtype not in FEATURE_DTYPES:
+        raise DataError(f"store dtype {spec.dtype!r} is invalid: expected one of {FEATURE_DTYPES}")
+    n, d = spec.num_rows, spec.feature_dim
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            f.create_dataset("features", shape=(n, d), dtype=spec.dtype,
+                             chunks=(max(1, min(spec.chunk_rows, n)), d), dcpl=dcpl, fill_time="never")
+            f.create_dataset("labels", data=np.asarray(spec.labels, dtype=np.int64))
+            f.create_dataset("clean_labels", data=np.asarray(spec.clean_labels, dtype=np.int64))
+            f.create_dataset("ids", data=np.array(spec.ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            f.create_dataset("written", data=np.zeros(n, dtype=bool))
+            f.create_dataset("skipped", data=np.zeros(n, dtype=np.uint8))
+            if spec.verified is not None:
+                f.create_dataset("verified", data=np.asarray(spec.verified, dtype=np.int8))
+            for key, value in spec.attrs.items():
+                f.attrs[key] = value
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["block_rows"] = spec.block_rows
+            f.attrs["complete"] = False
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_resumable(path: Path, spec: StoreSpec) -> None:
+    """Refuse to resume a store made from other data or with another config."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path} exists but is not a readable feature store ({exc}); "
+                        "use --overwrite to replace it") from None
+    with f:
+        a = f.attrs
+        if a.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(f"{path} has schema version {a.get('schema_version')}, this mcpipe writes "
+                            f"{SCHEMA_VERSION}; use --overwrite to rebuild it")
+        for key in ("source_fingerprint", "config_fingerprint"):
+            old, new = a.get(key), spec.attrs[key]
+            if old != new:
+                what = "the data (ids, labels or classes)" if key.startswith("source") else \
+                    "the extraction config (backbone, weights, preprocessing or dtype)"
+                raise DataError(f"{path} was written from different {what}: {key} {old!s:.12} != {new:.12}; "
+                                "use --overwrite to start again, or another --out")
+        if "features" not in f or f["features"].shape != (spec.num_rows, spec.feature_dim):
+            raise DataError(f"{path} has features of another shape than {(spec.num_rows, spec.feature_dim)}; "
+                            "use --overwrite to start again")
+
+
+class StoreWriter:
+    """Writes blocks of rows into one store; see the module docstring.
+
+    Use ``StoreWriter.open(path, spec, overwrite=...)``, then ``write_block``
+    for each pending block, then ``close()`` (also on errors: it commits what
+    is on disk so a later run resumes from there).
+    """
+
+    def __init__(self, path: Path, spec: StoreSpec, *, sync_seconds: float = 5.0):
+        self.path = path
+        self.spec = spec
+        self.sync_seconds = sync_seconds
+        self._f = _open_h5(path, "r+")
+        self._features = self._f["features"]
+        self._written = self._f["written"]
+        self._skipped = self._f["skipped"]
+        self.block_rows = int(self._f.attrs["block_rows"])
+        self._uncommitted: list[int] = []
+        self._last_sync = time.monotonic()
+        self.on_commit = None  # optional callback(list_of_blocks) after flags reach disk
+
+    @classmethod
+    def open(cls, path: str | Path, spec: StoreSpec, *, overwrite: bool = False,
+             sync_seconds: float = 5.0) -> "StoreWriter":
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not overwrite:
+            _check_resumable(path, spec)
+        else:
+            if path.exists():
+                log.info("--overwrite: replacing %s", path)
+            _create(path, spec)  # atomic: an old store stays intact until the new one is in place
+        return cls(path, spec, sync_seconds=sync_seconds)
+
+    # ------------------------------------------------------------------ blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.spec.num_rows // self.block_rows)
+
+    def block_range(self, b: int) -> tuple[int, int]:
+        start = b * self.block_rows
+        return start, min(start + self.block_rows, self.spec.num_rows)
+
+    def pending_blocks(self) -> list[int]:
+        """Blocks with at least one row not yet written, in order."""
+        written = self._written[:]
+        return [b for b in range(self.num_blocks) if not written[slice(*self.block_range(b))].all()]
+
+    def rows_written(self) -> int:
+        return int(self._written[:].sum())
+
+    def write_block(self, b: int, features: np.ndarray, skipped: np.ndarray) -> None:
+        """Write block ``b``: ``features`` (rows, D), ``skipped`` (rows,) uint8 reason codes."""
+        start, stop = self.block_range(b)
+        assert features.shape == (stop - start, self.spec.feature_dim), (features.shape, start, stop)
+        assert skipped.shape == (stop - start,)
+        self._features[start:stop] = features.astype(self.spec.dtype, copy=False)
+        self._skipped[start:stop] = skipped
+        self._f.flush()
+        self._uncommitted.append(b)
+        if time.monotonic() - self._last_sync >= self.sync_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        """fsync the features written so far, then flag their blocks as written."""
+        if not self._uncommitted:
+            return
+        self._fsync()
+        for b in self._uncommitted:
+            self._written[slice(*self.block_range(b))] = True
+        self._f.flush()
+        done, self._uncommitted = self._uncommitted, []
+        self._last_sync = time.monotonic()
+        if self.on_commit is not None:
+            self.on_commit(done)
+
+    def _fsync(self) -> None:
+        self._f.flush()
+        try:
+            os.fsync(self._f.id.get_vfd_handle())
+        except (OSError, TypeError, ValueError):  # non-POSIX driver: flush is all we can do
+            pass
+
+    def close(self) -> bool:
+        """Commit, set ``complete`` when every row is written, close. Returns completeness."""
+        if not self._f.id.valid:
+            return False
+        try:
+            self.commit()
+            complete = bool(self._written[:].all())
+            self._f.attrs["complete"] = complete
+            self._fsync()
+            return complete
+        finally:
+            self._f.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
