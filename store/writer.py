@@ -64,7 +64,18 @@ def _open_h5(path: Path, mode: str) -> h5py.File:
         if "lock" in str(exc).lower():
             raise DataError(f"store {path} is locked by another process (another mcpipe extract?); wait for it "
                             "or choose another --out") from None
-        raise DataError(f"cannot open store {path}: {exc}") from None
+        raise DataError(f"{path} exists but is not a readable feature store ({exc}); "
+                        "use --overwrite to replace it") from None
+
+
+def _refuse_if_locked(path: Path) -> None:
+    """Never replace a store another process is writing."""
+    try:
+        _open_h5(path, "r").close()
+    except DataError as exc:
+        if "another process" in str(exc):
+            raise
+        # not a readable store: replacing it is what --overwrite asks for
 
 
 def _create(path: Path, spec: StoreSpec) -> None:
@@ -98,12 +109,7 @@ def _create(path: Path, spec: StoreSpec) -> None:
 
 def _check_resumable(path: Path, spec: StoreSpec) -> None:
     """Refuse to resume a store made from other data or with another config."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise DataError(f"{path} exists but is not a readable feature store ({exc}); "
-                        "use --overwrite to replace it") from None
-    with f:
+    with _open_h5(path, "r") as f:
         a = f.attrs
         if a.get("schema_version") != SCHEMA_VERSION:
             raise DataError(f"{path} has schema version {a.get('schema_version')}, this mcpipe writes "
@@ -150,6 +156,7 @@ class StoreWriter:
             _check_resumable(path, spec)
         else:
             if path.exists():
+                _refuse_if_locked(path)
                 log.info("--overwrite: replacing %s", path)
             _create(path, spec)  # atomic: an old store stays intact until the new one is in place
         return cls(path, spec, sync_seconds=sync_seconds)
