@@ -1,0 +1,155 @@
+"""A table per split listing image paths and labels.
+
+::
+
+    root/
+        train.csv          # or train.tsv: the split is the file name
+        test.csv
+        classes.txt        # optional: one class name per line, fixes the order
+        images/...         # anywhere under root
+
+Each table has a header row naming the columns ``path`` and ``label`` and
+optionally ``clean_label`` (any order; other columns are ignored), e.g.::
+
+    path,label,clean_label
+    images/0001.jpg,cat,
+    images/0002.jpg,dog,cat
+
+Paths are relative to ``root`` and may not leave it. Labels are class names.
+Without ``classes.txt`` the classes are the sorted union of the labels and
+clean labels of every table in ``root``; when all of them are integers
+(``0``, ``7``, ...) they are indices and the classes are ``"0"`` ... ``"max"``.
+An empty ``clean_label`` cell means unknown.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mcpipe.config import DataConfig
+from mcpipe.errors import DataError
+from mcpipe.extract.sources.base import UNKNOWN, SplitIndex
+from mcpipe.extract.sources.common import data_root, no_split, read_lines, safe_relpath
+
+NAME = "manifest"
+DELIMITERS = {".csv": ",", ".tsv": "\t"}
+CLASSES_FILE = "classes.txt"
+_INTEGER = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class Table:
+    """One parsed manifest file; ``clean`` holds "" where unknown."""
+
+    path: Path
+    ids: list[str]
+    labels: list[str]
+    clean: list[str]
+    lines: list[int]
+
+
+def manifest_files(root: Path) -> dict[str, Path]:
+    """split name -> its table file; DataError when a split has both a .csv and a .tsv."""
+    files: dict[str, Path] = {}
+    for path in sorted(root.iterdir()):
+        if path.suffix.lower() not in DELIMITERS or path.name.startswith(".") or not path.is_file():
+            continue
+        if path.stem in files:
+            raise DataError(f"split {path.stem!r} has two manifests, {files[path.stem]} and {path}: keep one")
+        files[path.stem] = path
+    return files
+
+
+def list_splits(cfg: DataConfig) -> list[str]:
+    return list(manifest_files(data_root(cfg)))
+
+
+def read_table(path: Path) -> Table:
+    """Parse one manifest; DataError naming the file and line for anything malformed."""
+    try:
+        return _read_table(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path} is not a readable UTF-8 {path.suffix[1:]} table: {exc}") from None
+
+
+def _read_table(path: Path) -> Table:
+    ids, labels, clean, lines = [], [], [], []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=DELIMITERS[path.suffix.lower()])
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in ("path", "label") if c not in header]
+        if missing:
+            raise DataError(f"{path} line 1: header lacks the column(s) {', '.join(missing)}; "
+                            f"expected path, label and optionally clean_label, found {header}")
+        cols = header.index("path"), header.index("label"), header.index("clean_label") if "clean_label" in header else None
+        width = max(c for c in cols if c is not None) + 1
+        for row in reader:
+            where = f"{path} line {reader.line_num}"
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) < width:
+                raise DataError(f"{where}: {len(row)} fields, expected at least {width} (header {header})")
+            label = row[cols[1]].strip()
+            if not label:
+                raise DataError(f"{where}: empty label, expected a class name")
+            ids.append(safe_relpath(row[cols[0]].strip(), where=where))
+            labels.append(label)
+            clean.append(row[cols[2]].strip() if cols[2] is not None else "")
+            lines.append(reader.line_num)
+    return Table(path, ids, labels, clean, lines)
+
+
+def read_classes(path: Path) -> list[str]:
+    classes = [line for _, line in read_lines(path)]
+    if len(set(classes)) != len(classes):
+        dup = next(c for c in classes if classes.count(c) > 1)
+        raise DataError(f"{path}: class {dup!r} is listed twice")
+    return classes
+
+
+def infer_classes(tables: list[Table]) -> tuple[list[str], dict[str, int]]:
+    """(classes, label -> index): the sorted union of the labels, or, when every
+    label is an integer, "0".."max" with each label its own index."""
+    names = {x for t in tables for x in (*t.labels, *t.clean) if x}
+    if names and all(_INTEGER.fullmatch(x) for x in names):
+        lookup = {x: int(x) for x in names}
+        return [str(i) for i in range(max(lookup.values()) + 1)], lookup
+    classes = sorted(names)
+    return classes, {name: k for k, name in enumerate(classes)}
+
+
+def _indices(table: Table, column: str, lookup: dict[str, int]) -> np.ndarray:
+    """Class indices of a column (``UNKNOWN`` for an empty clean label); DataError
+    naming the line for a name that is not in ``lookup``."""
+    values = table.labels if column == "label" else table.clean
+    out = np.full(len(values), UNKNOWN, dtype=np.int64)
+    for i, name in enumerate(values):
+        if not name:
+            continue
+        k = lookup.get(name)
+        if k is None:
+            raise DataError(f"{table.path} line {table.lines[i]}: {column} {name!r} is not one of the "
+                            f"{len(lookup)} classes listed in {table.path.parent / CLASSES_FILE}")
+        out[i] = k
+    return out
+
+
+def load_split(cfg: DataConfig, split: str) -> SplitIndex:
+    root = data_root(cfg)
+    files = manifest_files(root)
+    if split not in files:
+        raise no_split(NAME, split, list(files), root)
+    table = read_table(files[split])
+    if (root / CLASSES_FILE).is_file():
+        classes = read_classes(root / CLASSES_FILE)
+        lookup = {name: k for k, name in enumerate(classes)}
+    else:
+        classes, lookup = infer_classes([table if s == split else read_table(p) for s, p in files.items()])
+    return SplitIndex(source=NAME, split=split, root=root, ids=table.ids,
+                      labels=_indices(table, "label", lookup),
+                      clean_labels=_indices(table, "clean_label", lookup), classes=classes)
