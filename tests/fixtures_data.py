@@ -133,14 +133,16 @@ CLOTHING_LISTS = {
 }
 
 
-def make_clothing1m(root: Path, *, size: tuple[int, int] = (16, 20)) -> Path:
-    """Clothing1M's files at ``root`` with ``CLOTHING_NOISY`` / ``CLOTHING_CLEAN`` labels and
+def make_clothing1m(root: Path, *, annotations: bool = False, size: tuple[int, int] = (16, 20)) -> Path:
+    """Clothing1M's files at ``root`` (the text files in ``root/annotations`` with
+    ``annotations``) with ``CLOTHING_NOISY`` / ``CLOTHING_CLEAN`` labels and
     ``CLOTHING_LISTS`` key lists, and an image for every key."""
-    write_lines(root / "category_names_eng.txt", CLOTHING_CLASSES)
-    write_lines(root / "noisy_label_kv.txt", [f"{k} {v}" for k, v in CLOTHING_NOISY.items()])
-    write_lines(root / "clean_label_kv.txt", [f"{k} {v}" for k, v in CLOTHING_CLEAN.items()])
+    meta = root / "annotations" if annotations else root
+    write_lines(meta / "category_names_eng.txt", CLOTHING_CLASSES)
+    write_lines(meta / "noisy_label_kv.txt", [f"{k} {v}" for k, v in CLOTHING_NOISY.items()])
+    write_lines(meta / "clean_label_kv.txt", [f"{k} {v}" for k, v in CLOTHING_CLEAN.items()])
     for name, keys in CLOTHING_LISTS.items():
-        write_lines(root / name, keys)
+        write_lines(meta / name, keys)
     for key in {**CLOTHING_NOISY, **CLOTHING_CLEAN}:
         write_image(root / key, size=size)
     return root
@@ -190,11 +192,33 @@ def cifar_batch(n: int, *, seed: int, name: str) -> dict[bytes, object]:
     }
 
 
+class Python2Pickler(pickle._Pickler):
+    """Writes the opcode stream Python 2's cPickle wrote for the real CIFAR files:
+    protocol 2, every str/bytes as a BINSTRING, ``numpy.core.multiarray`` globals."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_binstring(self, obj):
+        data = obj if isinstance(obj, bytes) else obj.encode("latin1")
+        n = len(data)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + data)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None):
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_binstring
+    dispatch[type] = dispatch[type(len)] = dispatch[type(np.dtype)] = save_global
+
+
 def make_cifar10(root: Path, *, per_batch: int = 3, n_test: int = 4, subfolder: bool = True,
-                 protocol: int = pickle.DEFAULT_PROTOCOL) -> Path:
+                 protocol: int | str = pickle.DEFAULT_PROTOCOL) -> Path:
     """``root/cifar-10-batches-py/`` (or root itself) with 5 data batches, test_batch and
-    batches.meta, written with ``pickle.dump``; batch ``b`` uses ``cifar_batch(seed=b)``,
-    the test batch seed 0."""
+    batches.meta, written with ``pickle.dump`` at ``protocol``, or as Python 2 wrote
+    them with ``protocol="python2"``; batch ``b`` uses ``cifar_batch(seed=b)``, the
+    test batch seed 0."""
     folder = root / "cifar-10-batches-py" if subfolder else root
     folder.mkdir(parents=True, exist_ok=True)
     batches = {f"data_batch_{b}": cifar_batch(per_batch, seed=b, name=f"training batch {b} of 5") for b in range(1, 6)}
@@ -203,5 +227,8 @@ def make_cifar10(root: Path, *, per_batch: int = 3, n_test: int = 4, subfolder: 
                                b"label_names": [c.encode() for c in CIFAR_CLASSES]}
     for name, obj in batches.items():
         with open(folder / name, "wb") as f:
-            pickle.dump(obj, f, protocol=protocol)
+            if protocol == "python2":
+                Python2Pickler(f, protocol=2).dump(obj)
+            else:
+                pickle.dump(obj, f, protocol=protocol)
     return root

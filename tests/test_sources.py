@@ -16,6 +16,7 @@ from fixtures_data import (
 )
 from mcpipe.config import DataConfig
 from mcpipe.errors import DataError
+from mcpipe.extract.images import ImageSkip
 from mcpipe.extract.sources import cifar10, registry
 from mcpipe.extract.sources.base import UNKNOWN
 from mcpipe.extract.sources.registry import SOURCES, available_splits, load_index
@@ -61,14 +62,18 @@ def test_imagefolder_single_split(tmp_path):
     write_image(root / "cat" / ".hidden.png")              # hidden file
     write_image(root / "dog" / ".cache" / "x.png")         # hidden folder
     write_lines(root / "dog" / "notes.txt", ["not an image"])
+    (root / "dog" / "broken.jpg").write_bytes(b"not a jpeg")  # indexed: images are not opened here
     write_image(root / ".thumbs" / "y.png")                # hidden class folder
     assert available_splits(cfg("imagefolder", root)) == ["train"]
     index = load("imagefolder", root, "train")
     assert index.root == root and index.classes == ["cat", "dog"]
-    assert index.ids == ["cat/cat_0.png", "cat/cat_1.png", "cat/nested/deep.JPG", "dog/dog_0.png", "dog/dog_1.png"]
-    assert index.labels.tolist() == [0, 0, 0, 1, 1] and index.labels.dtype == np.int64
-    assert index.clean_labels.tolist() == [UNKNOWN] * 5 and index.clean_labels.dtype == np.int64
-    assert_rgb(index, [0, 4], (16, 12))
+    assert index.ids == ["cat/cat_0.png", "cat/cat_1.png", "cat/nested/deep.JPG",
+                         "dog/broken.jpg", "dog/dog_0.png", "dog/dog_1.png"]
+    assert index.labels.tolist() == [0, 0, 0, 1, 1, 1] and index.labels.dtype == np.int64
+    assert index.clean_labels.tolist() == [UNKNOWN] * 6 and index.clean_labels.dtype == np.int64
+    assert_rgb(index, [0, 2, 5], (16, 12))
+    with pytest.raises(ImageSkip):
+        index.load(3)
 
 
 def test_imagefolder_split_folders_share_the_class_union(tmp_path):
@@ -115,6 +120,14 @@ def test_manifest_tsv_any_column_order_extra_columns_no_clean(tmp_path):
     assert index.clean_labels.tolist() == [UNKNOWN, UNKNOWN]
 
 
+def test_manifest_paths_are_normalised(tmp_path):
+    rows = {"train": [("images\\a.png", "cat", ""), ("./images//b.png", "dog", "")]}
+    root = make_manifest(tmp_path, rows)
+    assert load("manifest", root, "train").ids == ["images/a.png", "images/b.png"]
+    with pytest.raises(DataError, match=r"no split 'val'.*available splits: train \('val' needs val.csv or val.tsv\)"):
+        load("manifest", root, "val")
+
+
 def test_manifest_integer_labels_are_indices(tmp_path):
     root = make_manifest(tmp_path, {"train": [("a.png", "3", ""), ("b.png", "0", "1")]})
     index = load("manifest", root, "train")
@@ -136,7 +149,8 @@ def test_manifest_classes_txt_fixes_order_and_refuses_others(tmp_path):
 @pytest.mark.parametrize("path, message", [
     ("../outside.png", r"line 3: path '../outside.png' leaves the data root"),
     ("/etc/passwd", r"line 3: path '/etc/passwd' is absolute"),
-    ("", r"line 3: empty path"),
+    ("", r"line 3: path '' is empty"),
+    ("C:\\data\\x.png", r"line 3: path .* is absolute"),
 ])
 def test_manifest_refuses_paths_outside_root(tmp_path, path, message):
     root = make_manifest(tmp_path, {"train": [("ok.png", "cat", ""), (path, "cat", "")]})
@@ -243,8 +257,9 @@ def test_food101n_verified_image_missing_from_imagelist_is_left_out(tmp_path, ca
 # --------------------------------------------------------------------------- Clothing1M
 
 
-def test_clothing1m_splits_and_labels(tmp_path):
-    root = make_clothing1m(tmp_path)
+@pytest.mark.parametrize("annotations", [False, True])
+def test_clothing1m_splits_and_labels(tmp_path, annotations):
+    root = make_clothing1m(tmp_path, annotations=annotations)
     assert available_splits(cfg("clothing1m", root)) == ["train", "clean_train", "val", "test"]
     train = load("clothing1m", root, "train")
     assert train.classes == list(CLOTHING_CLASSES) and train.root == root
@@ -269,8 +284,12 @@ def test_clothing1m_refuses_unlabelled_key_and_bad_line(tmp_path):
     with pytest.raises(DataError, match=r"noisy_label_kv.txt line 2: expected '<image key> <label index>'"):
         load("clothing1m", root, "train")
     (root / "clean_val_key_list.txt").unlink()
-    with pytest.raises(DataError, match=r"no split 'val'.*available splits: train, clean_train, test"):
+    with pytest.raises(DataError, match=r"no split 'val'.*available splits: train, clean_train, test "
+                                        r"\('val' needs clean_val_key_list.txt and clean_label_kv.txt\)"):
         load("clothing1m", root, "val")
+    (root / "category_names_eng.txt").unlink()
+    with pytest.raises(DataError, match=r"Clothing1M class list .*category_names_eng.txt is missing"):
+        load("clothing1m", root, "clean_train")
 
 
 # --------------------------------------------------------------------------- MNIST, Fashion-MNIST
@@ -335,7 +354,7 @@ def test_fashion_mnist_debian_package():
 # --------------------------------------------------------------------------- CIFAR-10
 
 
-@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, 5])
+@pytest.mark.parametrize("protocol", ["python2", 2, pickle.DEFAULT_PROTOCOL, 5])
 def test_cifar10_batches(tmp_path, protocol):
     root = make_cifar10(tmp_path, per_batch=3, n_test=4, protocol=protocol)
     assert available_splits(cfg("cifar10", root)) == ["train", "test"]

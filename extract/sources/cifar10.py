@@ -118,7 +118,7 @@ def load_split(cfg: DataConfig, split: str) -> SplitIndex:
     folder = batches_dir(cfg)
     available = list_splits(cfg)
     if split not in available:
-        raise no_split(NAME, split, available, folder)
+        raise no_split(NAME, split, available, folder, needs=", ".join(BATCHES.get(split, [])))
     meta = unpickle(folder / META)
     if "label_names" not in meta:
         raise DataError(f"{folder / META}: missing key 'label_names'; found {sorted(meta)}")

@@ -12,6 +12,9 @@
         clean_test_key_list.txt
         images/0/00/0000000.jpg ...
 
+The text files may also sit in ``root/annotations/`` (as the release's
+annotations.zip unpacks); the keys stay relative to root.
+
 Splits:
 
 * ``train``: the noisy training keys, labelled from noisy_label_kv.txt; clean
@@ -49,9 +52,16 @@ def _needs(split: str) -> tuple[str, ...]:
     return (KEY_LISTS[split], NOISY_KV, CLEAN_KV) if split == "train" else (KEY_LISTS[split], CLEAN_KV)
 
 
+def meta_dir(root: Path) -> Path:
+    """Where the text files are: root, or root/annotations."""
+    if not (root / CLASSES_FILE).is_file() and (root / "annotations" / CLASSES_FILE).is_file():
+        return root / "annotations"
+    return root
+
+
 def list_splits(cfg: DataConfig) -> list[str]:
-    root = data_root(cfg)
-    return [s for s in KEY_LISTS if all((root / f).is_file() for f in _needs(s))]
+    meta = meta_dir(data_root(cfg))
+    return [s for s in KEY_LISTS if all((meta / f).is_file() for f in _needs(s))]
 
 
 def read_kv(path: Path) -> dict[str, int]:
@@ -59,7 +69,7 @@ def read_kv(path: Path) -> dict[str, int]:
     labels: dict[str, int] = {}
     for number, line in read_lines(require_file(path, "Clothing1M label file")):
         parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
             raise DataError(f"{path} line {number}: expected '<image key> <label index>', found {line!r}")
         labels[parts[0]] = int(parts[1])
     return labels
@@ -80,16 +90,16 @@ def lookup(keys: list[str], kv: dict[str, int], kv_path: Path, *, required: bool
 
 def load_split(cfg: DataConfig, split: str) -> SplitIndex:
     root = data_root(cfg)
+    meta = meta_dir(root)
     available = list_splits(cfg)
     if split not in available:
-        missing = [f for f in _needs(split) if not (root / f).is_file()] if split in KEY_LISTS else []
-        err = no_split(NAME, split, available, root)
-        raise DataError(f"{err} (missing: {', '.join(missing)})") if missing else err
-    classes = [name for _, name in read_lines(require_file(root / CLASSES_FILE, "Clothing1M class list"))]
-    keys = read_keys(root / KEY_LISTS[split])
-    clean = lookup(keys, read_kv(root / CLEAN_KV), root / CLEAN_KV, required=split != "train")
+        needs = " and ".join(_needs(split)) if split in KEY_LISTS else ""
+        raise no_split(NAME, split, available, meta, needs=needs)
+    classes = [name for _, name in read_lines(require_file(meta / CLASSES_FILE, "Clothing1M class list"))]
+    keys = read_keys(meta / KEY_LISTS[split])
+    clean = lookup(keys, read_kv(meta / CLEAN_KV), meta / CLEAN_KV, required=split != "train")
     if split == "train":
-        labels = lookup(keys, read_kv(root / NOISY_KV), root / NOISY_KV, required=True)
+        labels = lookup(keys, read_kv(meta / NOISY_KV), meta / NOISY_KV, required=True)
     else:
         labels = clean
     return SplitIndex(source=NAME, split=split, root=root, ids=keys, labels=labels,

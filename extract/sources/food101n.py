@@ -157,7 +157,9 @@ def load_split(cfg: DataConfig, split: str) -> SplitIndex:
     release = release_root(cfg)
     available = list_splits(cfg)
     if split not in available:
-        raise no_split(NAME, split, available, release)
+        needs = {"train": "meta/imagelist.tsv", "test": f"{food101_root(cfg, release)}/meta/test.txt",
+                 **{s: f"meta/imagelist.tsv and meta/{f}" for s, f in VERIFIED_FILES.items()}}
+        raise no_split(NAME, split, available, release, needs=needs.get(split, ""))
     meta = release / "meta"
     classes = read_classes(meta / "classes.txt")
     lookup = {name: k for k, name in enumerate(classes)}

@@ -8,10 +8,11 @@
         t10k-images-idx3-ubyte[.gz]
         t10k-labels-idx1-ubyte[.gz]
 
-The Debian packages (``/usr/share/datasets/fashion-mnist/``) hold the four
-.gz files as above. Also found: the files in ``raw/`` or torchvision's
-``MNIST/raw/`` / ``FashionMNIST/raw/``, and the ``train-images.idx3-ubyte``
-spelling. Ids are ``train/00000`` ...; pixels are kept in memory.
+The Debian package dataset-fashion-mnist installs the four .gz files as
+above in ``/usr/share/datasets/fashion-mnist/``. Also found: the files in
+``raw/`` or torchvision's ``MNIST/raw/`` / ``FashionMNIST/raw/``, and the
+``train-images.idx3-ubyte`` spelling. Gzip is recognised by content, not by
+name. Ids are ``train/00000`` ...; pixels are kept in memory.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def load_idx_split(cfg: DataConfig, split: str, *, source: str, classes: list[st
     root = data_root(cfg)
     files = split_files(root, split) if split in PREFIX else None
     if files is None:
-        raise no_split(source, split, list_splits(cfg), root)
+        needs = f"{PREFIX[split]}-images-idx3-ubyte[.gz] and {PREFIX[split]}-labels-idx1-ubyte[.gz]" if split in PREFIX else ""
+        raise no_split(source, split, list_splits(cfg), root, needs=needs)
     images_path, labels_path = files
     images = parse_idx(_read_bytes(images_path), magic=IMAGES_MAGIC, where=images_path)
     labels = parse_idx(_read_bytes(labels_path), magic=LABELS_MAGIC, where=labels_path).astype(np.int64)

@@ -14,10 +14,12 @@ or split folders, each in that layout::
         val/cat/...
         test/cat/...  test/dog/...
 
-Classes are the sorted class-folder names (with split folders: the union over
-the splits, the same list for every split). Images are files with the
-extensions of ``IMAGE_EXTENSIONS`` (any case); hidden files and folders are
-skipped. Ids are paths relative to the split's folder.
+A root holding a ``train``, ``val`` or ``test`` folder is read as split
+folders (so in a one-split root no class may have those names). Classes are
+the sorted class-folder names (with split folders: the union over the splits,
+the same list for every split). Images are files with the extensions of
+``IMAGE_EXTENSIONS`` (any case); hidden files and folders are skipped. Ids
+are paths relative to the split's folder.
 
 Clean labels: a folder data set carries no verification, so ``train`` has
 none (all ``UNKNOWN``); ``val`` and ``test`` are evaluation sets and are taken
@@ -70,11 +72,12 @@ def list_images(folder: Path) -> list[str]:
     found: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(folder).as_posix()
+        rel = os.path.relpath(dirpath, folder).replace(os.sep, "/")
+        rel = "" if rel == "." else rel
         found += [(rel, f) for f in filenames
                   if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
     found.sort()
-    return [f if rel == "." else f"{rel}/{f}" for rel, f in found]
+    return [f"{rel}/{f}" if rel else f for rel, f in found]
 
 
 def load_split(cfg: DataConfig, split: str) -> SplitIndex:

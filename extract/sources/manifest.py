@@ -86,20 +86,21 @@ def _read_table(path: Path) -> Table:
         if missing:
             raise DataError(f"{path} line 1: header lacks the column(s) {', '.join(missing)}; "
                             f"expected path, label and optionally clean_label, found {header}")
-        cols = header.index("path"), header.index("label"), header.index("clean_label") if "clean_label" in header else None
-        width = max(c for c in cols if c is not None) + 1
+        p_col, l_col = header.index("path"), header.index("label")
+        c_col = header.index("clean_label") if "clean_label" in header else None
+        width = max(p_col, l_col, c_col or 0) + 1
         for row in reader:
-            where = f"{path} line {reader.line_num}"
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) < width:
-                raise DataError(f"{where}: {len(row)} fields, expected at least {width} (header {header})")
-            label = row[cols[1]].strip()
+            label = row[l_col].strip() if len(row) >= width else ""
             if not label:
+                if not "".join(row).strip():
+                    continue  # a blank line
+                where = f"{path} line {reader.line_num}"
+                if len(row) < width:
+                    raise DataError(f"{where}: {len(row)} fields, expected at least {width} (header {header})")
                 raise DataError(f"{where}: empty label, expected a class name")
-            ids.append(safe_relpath(row[cols[0]].strip(), where=where))
+            ids.append(safe_relpath(row[p_col].strip(), file=path, line=reader.line_num))
             labels.append(label)
-            clean.append(row[cols[2]].strip() if cols[2] is not None else "")
+            clean.append(row[c_col].strip() if c_col is not None else "")
             lines.append(reader.line_num)
     return Table(path, ids, labels, clean, lines)
 
@@ -143,7 +144,7 @@ def load_split(cfg: DataConfig, split: str) -> SplitIndex:
     root = data_root(cfg)
     files = manifest_files(root)
     if split not in files:
-        raise no_split(NAME, split, list(files), root)
+        raise no_split(NAME, split, list(files), root, needs=f"{split}.csv or {split}.tsv")
     table = read_table(files[split])
     if (root / CLASSES_FILE).is_file():
         classes = read_classes(root / CLASSES_FILE)
