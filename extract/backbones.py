@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,9 +229,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path} is not a plain state_dict: it holds pickled Python objects that safe "
-                        f"(weights_only) loading refuses ({first}); save model.state_dict() instead") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:
+            raise DataError(f"{path} is not a torch checkpoint file (unreadable pickle data)") from None
+        raise DataError(f"{path} is not a plain state_dict: it pickles {found.group(1)}, which safe "
+                        "(weights_only) loading refuses; save model.state_dict() instead") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path} is not a torch checkpoint file ({first})") from None

@@ -126,6 +126,13 @@ def inspect(
     typer.echo(format_summary(summary))
 
 
+def _preprocessing(text: str) -> str:
+    p = json.loads(text)
+    fmt = lambda xs: "(" + ", ".join(f"{x:.3f}" for x in xs) + ")"  # noqa: E731
+    return (f"resize {p['resize']} ({p['interpolation']}) -> {p.get('crop', 'center')} crop {p['image_size']}, "
+            f"mean {fmt(p['mean'])}, std {fmt(p['std'])}")
+
+
 def format_summary(s: dict) -> str:
     prov = s["provenance"]
     lines = [
@@ -136,7 +143,7 @@ def format_summary(s: dict) -> str:
         f"data        {prov['dataset']} / {prov['split']}  ({prov['data_root']})",
         f"backbone    {prov['backbone']}  weights={prov['weights']}"
         + ("  (RANDOM INIT)" if prov["random_init"] else f"  sha256={str(prov['weights_sha256'])[:16]}"),
-        f"preprocess  {prov['preprocessing']}  precision={prov['precision']} on {prov['device']}",
+        f"preprocess  {_preprocessing(prov['preprocessing'])}; {prov['precision']} on {prov['device']}",
         f"clean       {100 * s['known_clean_fraction']:.1f}% of rows have a known clean label"
         + (f"; given label correct on {100 * s['given_label_agreement']:.1f}% of them"
            if s["given_label_agreement"] is not None else ""),
