@@ -223,7 +223,10 @@ def run(cfg: Config, *, out: Path | None = None, overwrite: bool = False, progre
         pre = preprocess_for(cfg.extract.backbone, cfg.extract.image_size, cfg.extract.resize)
         precision = "bf16" if device.type == "cuda" else "fp32"
         model = optimize_for_inference(backbone, device)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot use {out} as the output folder: {exc.strerror or exc}") from None
         results = []
         with progress_bar(progress and info.is_main) as bar:
             ex = _Extractor(cfg, model, pre, device, bar)

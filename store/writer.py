@@ -57,6 +57,9 @@ class StoreSpec:
 def _open_h5(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
+    except PermissionError:
+        raise DataError(f"cannot open store {path} for {'reading' if mode == 'r' else 'writing'}: "
+                        "permission denied") from None
     except BlockingIOError:
         raise DataError(f"store {path} is open in another process (another mcpipe extract?); wait for it or "
                         "choose another --out") from None
@@ -103,6 +106,8 @@ def _create(path: Path, spec: StoreSpec) -> None:
             f.attrs["block_rows"] = spec.block_rows
             f.attrs["complete"] = False
         os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"cannot create store {path}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -135,7 +140,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: Path, spec: StoreSpec, *, sync_seconds: float = 5.0):
-        self.path = path
+        self.path = path  # the store must exist (``open`` creates it)
         self.spec = spec
         self.sync_seconds = sync_seconds
         self._f = _open_h5(path, "r+")
@@ -184,9 +189,13 @@ class StoreWriter:
         start, stop = self.block_range(b)
         assert features.shape == (stop - start, self.spec.feature_dim), (features.shape, start, stop)
         assert skipped.shape == (stop - start,)
-        self._features[start:stop] = features.astype(self.spec.dtype, copy=False)
-        self._skipped[start:stop] = skipped
-        self._f.flush()
+        try:
+            self._features[start:stop] = features.astype(self.spec.dtype, copy=False)
+            self._skipped[start:stop] = skipped
+            self._f.flush()
+        except OSError as exc:
+            raise DataError(f"writing rows {start}-{stop - 1} of {self.path} failed ({exc}); what was written "
+                            "before is kept: free space / fix permissions and run the same command again") from None
         self._uncommitted.append(b)
         if time.monotonic() - self._last_sync >= self.sync_seconds:
             self.commit()

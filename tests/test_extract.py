@@ -159,6 +159,24 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "mcpipe", *args]
 
 
+def _interrupt(cmd: list[str], sig: int, *, after_commits: int, env: dict) -> subprocess.Popen:
+    """Run ``cmd`` and send ``sig`` once its log says ``after_commits`` blocks were committed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    commits = 0
+    for line in proc.stderr:
+        commits += "committed blocks" in line
+        if commits == after_commits:
+            os.kill(proc.pid, sig)
+            break
+    proc.stderr_rest = proc.stderr.read()
+    proc.wait()
+    return proc
+
+
+def _extracted(stdout: str) -> int:
+    return int(stdout.split(" extracted")[0].rsplit(";", 1)[1].replace(",", ""))
+
+
 @pytest.mark.slow
 def test_kill9_then_resume_gives_the_uninterrupted_store(tmp_path):
     root = varied_imagefolder(tmp_path / "data", 120, size=40)
@@ -169,22 +187,30 @@ def test_kill9_then_resume_gives_the_uninterrupted_store(tmp_path):
     subprocess.run(_cli(*args, "--out", str(full)), check=True, env=env, capture_output=True)
 
     part = tmp_path / "part"
-    proc = subprocess.Popen(_cli(*args, "--out", str(part)), env=env, stderr=subprocess.PIPE, text=True)
-    commits = 0
-    for line in proc.stderr:
-        commits += "committed blocks" in line
-        if commits == 5:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
+    proc = _interrupt(_cli(*args, "--out", str(part)), signal.SIGKILL, after_commits=5, env=env)
     assert proc.returncode == -signal.SIGKILL
     partial = open_store(part / "train.h5", allow_incomplete=True)
     assert not partial.complete and 10 <= len(partial.ids) < 120
     res = subprocess.run(_cli(*args, "--out", str(part)), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    extracted = int(res.stdout.split(" extracted")[0].rsplit(";", 1)[1].replace(",", ""))
-    assert extracted <= 120 - len(partial.ids)  # only the missing rows were computed
+    assert _extracted(res.stdout) <= 120 - len(partial.ids)  # only the missing rows were computed
     same_store(full / "train.h5", part / "train.h5")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
+    root = varied_imagefolder(tmp_path / "data", 60, size=40)
+    args = ["extract", "--no-progress", "--log-level", "debug", "--out", str(tmp_path / "out"),
+            *sets("data.source=imagefolder", f"data.root={root}", "extract.batch_size=2", "store.sync_seconds=0")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = _interrupt(_cli(*args), signal.SIGINT, after_commits=3, env=env)
+    assert proc.returncode == 130, proc.stderr_rest
+    assert "interrupted" in proc.stderr_rest and "Traceback" not in proc.stderr_rest
+    partial = open_store(tmp_path / "out" / "train.h5", allow_incomplete=True)
+    assert not partial.complete and len(partial.ids) >= 6
+    res = subprocess.run(_cli(*args), env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and _extracted(res.stdout) == 60 - len(partial.ids)
+    assert open_store(tmp_path / "out" / "train.h5").complete
 
 
 @pytest.mark.slow
