@@ -176,7 +176,6 @@ def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, inf
     result = SplitResult(split=index.split, path=path, rows=len(index))
     if not overwrite and _already_complete(path, spec):
         result.complete = result.already_done = True
-        log.info("%s is complete already; nothing to do (--overwrite to extract again)", path)
         return result
     if not info.enabled:
         with StoreWriter.open(path, spec, overwrite=overwrite, sync_seconds=ex.cfg.store.sync_seconds) as writer:

@@ -97,7 +97,7 @@ def extract(
 
 def _summary_line(r) -> str:  # noqa: ANN001 - extract.run.SplitResult
     if r.already_done:
-        return f"{r.split}: {r.rows:,} rows in {r.path}, complete already"
+        return f"{r.split}: {r.rows:,} rows in {r.path}, complete already (--overwrite to extract again)"
     skipped = sum(r.skipped.values())
     why = ", ".join(f"{n} {reason}" for reason, n in sorted(r.skipped.items()))
     state = "complete" if r.complete else "INCOMPLETE"
