@@ -26,6 +26,8 @@ from mcpipe.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
+_MAX_SKIP_WARNINGS = 20  # one line per bad image up to here; a web crawl can have thousands
+
 
 @dataclass
 class BlockStats:
@@ -108,7 +110,11 @@ def extract_blocks(
                         if strict:
                             raise DataError(f"image {ids[r]!r} is {reason}: {d} (--strict stops here; "
                                             "drop it to skip and record bad images)")
-                        log.warning("skipping %s (%s: %s)", ids[r], reason, d)
+                        shown = sum(stats.skipped.values())
+                        if shown < _MAX_SKIP_WARNINGS:
+                            log.warning("skipping %s (%s: %s)", ids[r], reason, d)
+                        elif shown == _MAX_SKIP_WARNINGS:
+                            log.warning("more images skipped: counted in the summary, listed by mcpipe inspect")
                         stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
                 images = images.to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
                 with autocast:

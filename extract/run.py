@@ -7,6 +7,7 @@ joins (see ``distributed.py``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -73,8 +74,6 @@ def default_workers(device: torch.device) -> int:
 
 
 def _fingerprint(parts: dict) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -122,9 +122,9 @@ def _check_resumable(path: Path, spec: StoreSpec) -> None:
         for key in ("source_fingerprint", "config_fingerprint"):
             old, new = a.get(key), spec.attrs[key]
             if old != new:
-                what = "the data (ids, labels or classes)" if key.startswith("source") else \
-                    "the extraction config (backbone, weights, preprocessing or dtype)"
-                raise DataError(f"{path} was written from different {what}: {key} {old!s:.12} != {new:.12}; "
+                what = "from other data (ids, labels or classes)" if key.startswith("source") else \
+                    "with another extraction config (backbone, weights, preprocessing, dtype or precision)"
+                raise DataError(f"{path} was written {what}: {key} {old!s:.12} != {new:.12}; "
                                 "use --overwrite to start again, or another --out")
         if "features" not in f or f["features"].shape != (spec.num_rows, spec.feature_dim):
             raise DataError(f"{path} has features of another shape than {(spec.num_rows, spec.feature_dim)}; "

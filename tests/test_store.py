@@ -115,9 +115,9 @@ def test_skipped_rows_are_recorded_and_left_out(tmp_path):
 def test_resume_refused_for_other_data_or_config(tmp_path):
     path = fill(tmp_path / "s.h5", make_spec(n=8))
     before = path.read_bytes()
-    with pytest.raises(DataError, match="different the data.*source_fingerprint.*--overwrite"):
+    with pytest.raises(DataError, match="written from other data.*source_fingerprint.*--overwrite"):
         StoreWriter.open(path, make_spec(n=8, source="src-b"))
-    with pytest.raises(DataError, match="different the extraction config.*--overwrite"):
+    with pytest.raises(DataError, match="written with another extraction config.*--overwrite"):
         StoreWriter.open(path, make_spec(n=8, config="cfg-b"))
     assert path.read_bytes() == before  # nothing damaged
     StoreWriter.open(path, make_spec(n=8, config="cfg-b"), overwrite=True).close()
