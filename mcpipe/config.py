@@ -30,6 +30,11 @@ def _check(cond: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
 
 
+def _check_device(key: str, dev: str) -> None:
+    ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
+    _check(ok, key, dev, "auto, cpu, cuda or cuda:N")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: SourceName = "imagefolder"
@@ -76,9 +81,7 @@ class ExtractConfig:
                f"0 (auto) or an integer >= image_size ({self.image_size})")
         _check(self.batch_size >= 1, "extract.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= -1, "extract.num_workers", self.num_workers, "-1 (auto) or an integer >= 0")
-        dev = self.device
-        ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
-        _check(ok, "extract.device", dev, "auto, cpu, cuda or cuda:N")
+        _check_device("extract.device", self.device)
         _check(bool(self.weights.strip()), "extract.weights", self.weights,
                "DEFAULT, a torchvision weights name, a file path or none")
 
@@ -99,11 +102,95 @@ class StoreConfig:
         _check(self.sync_seconds >= 0, "store.sync_seconds", self.sync_seconds, "a number >= 0")
 
 
+Weighting = Literal["constant", "attention_sig", "attention_exp", "fc_fc_sig", "fc_fc_relu_sig",
+                    "fc_relu_fc_relu_sig", "relation"]
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    kind: Literal["none", "symmetric", "pairflip", "matrix"] = "none"
+    """Synthetic label noise added in memory for experiments (the store is untouched)."""
+    rate: float = 0.0
+    """Fraction of training labels flipped (symmetric, pairflip)."""
+    seed: int = 0
+    """Seed of the flips."""
+    matrix: tuple[tuple[float, ...], ...] = ()
+    """kind = matrix: a C x C row-stochastic transition matrix, row = true class, column = given label."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.rate < 1.0, "noise.rate", self.rate, "a number in [0, 1)")
+        if self.kind == "matrix":
+            _check(len(self.matrix) > 1, "noise.matrix", self.matrix, "a C x C row-stochastic matrix when kind = matrix")
+
+
+@dataclass(frozen=True)
+class CleanerConfig:
+    subset_size: int = 4
+    """N, images per class subset; 1 = the plain softmax baseline."""
+    weighting: Weighting = "fc_fc_relu_sig"
+    """Noisy Weighting: the paper's six variants (Table 2) or relation (permutation-equivariant, ours)."""
+    combine: Literal["hallucinate", "loss_reweight"] = "hallucinate"
+    """How alpha is used: v_c = sum(alpha v) / sum(alpha), or alpha weighting each image's loss (Table 3)."""
+    hidden: int = 384
+    """Hidden width of the weighting network (paper: 384 Food-101N, 512 Clothing1M)."""
+    mining: Literal["random", "knn", "agreement"] = "random"
+    """How subsets are drawn: at random (paper), anchor + same-label neighbours, or by neighbourhood agreement."""
+    knn_k: int = 10
+    """Neighbours per image in the FAISS graph (agreement score, knn mining)."""
+    score_repeats: int = 8
+    """Random subsets each training image is scored in for alpha_score."""
+
+    def __post_init__(self) -> None:
+        _check(self.subset_size >= 1, "cleaner.subset_size", self.subset_size, "an integer >= 1")
+        _check(self.hidden >= 1, "cleaner.hidden", self.hidden, "an integer >= 1")
+        _check(self.knn_k >= 1, "cleaner.knn_k", self.knn_k, "an integer >= 1")
+        _check(self.score_repeats >= 1, "cleaner.score_repeats", self.score_repeats, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 80
+    """Training epochs; one epoch draws as many images as the training set holds."""
+    batch_size: int = 480
+    """Images per batch = K classes x N images (paper: 480 Food-101N, 256 Clothing1M)."""
+    lr: float = 0.01
+    """SGD learning rate."""
+    lr_step: int = 20
+    """Epochs between learning-rate drops (paper: 20 Food-101N, 5 Clothing1M)."""
+    lr_gamma: float = 0.1
+    """Factor of each drop."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.001
+    """L2 weight decay (paper: 0.001 Food-101N, 0.005 Clothing1M)."""
+    standardize: bool = True
+    """Standardize features with the training set's mean and std (kept in the head)."""
+    rank_by: Literal["alpha", "classifier", "knn"] = "classifier"
+    """Clean score that ranks scores.csv and gives noise_detection_auroc."""
+    seed: int = 0
+    """Seed of initialisation and sampling: the same config gives the same numbers."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _check(self.lr_step >= 1, "train.lr_step", self.lr_step, "an integer >= 1")
+        _check(0 < self.lr_gamma <= 1, "train.lr_gamma", self.lr_gamma, "a number in (0, 1]")
+        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _check_device("train.device", self.device)
+
+
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    cleaner: CleanerConfig = field(default_factory=CleanerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # --------------------------------------------------------------------------- loading
