@@ -95,6 +95,66 @@ def extract(
         typer.echo(_summary_line(r))
 
 
+@app.command("train-head")
+@guarded
+def train_head(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    features: Optional[Path] = typer.Option(None, "--features", "-f",
+                                            help="Folder with train.h5 (and test.h5); default: [store] dir."),
+    out: Path = typer.Option(Path("runs/head"), "--out", "-o", help="Run folder to write."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    log_level: str = LogOpt,
+) -> None:
+    """Train MetaCleaner + softmax on cached features (seconds to minutes)."""
+    _setup_logging(log_level)
+    cfg = _config(config, set_)
+    if device is not None:
+        cfg = replace(cfg, "train", device=device)
+    from mcpipe.cleaner.run import run
+
+    m = run(cfg, features=features or Path(cfg.store.dir), out=out, resume=resume, overwrite=overwrite,
+            progress=progress and sys.stderr.isatty())
+    typer.echo(head_summary(cfg, m, out))
+
+
+@app.command()
+@guarded
+def sweep(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    features: Optional[Path] = typer.Option(None, "--features", "-f",
+                                            help="Folder with train.h5 (and test.h5); default: [store] dir."),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Sweep folder: one run per point + results."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    log_level: str = LogOpt,
+) -> None:
+    """Train every combination of the [sweep] grid on features loaded once; results.csv/.md, best first."""
+    _setup_logging(log_level)
+    cfg = _config(config, set_)
+    if device is not None:
+        cfg = replace(cfg, "train", device=device)
+    from mcpipe.cleaner.sweep import format_table, run
+
+    rows = run(cfg, features=features or Path(cfg.store.dir), out=out, progress=progress and sys.stderr.isatty())
+    typer.echo(format_table(rows, [k for k, _ in cfg.sweep.grid]))
+    typer.echo(f"results: {out / 'results.csv'}, {out / 'results.md'}")
+
+
+def head_summary(cfg: Config, m: dict, out: Path) -> str:
+    c = cfg.cleaner
+    what = "softmax baseline (N = 1)" if c.subset_size == 1 else f"MetaCleaner N = {c.subset_size}, {c.weighting}"
+    parts = [f"{what}: test accuracy {m['test_accuracy']:.4f}" if "test_accuracy" in m else what]
+    if "noise_detection_auroc" in m:
+        parts.append(f"noise detection AUROC {m['noise_detection_auroc']:.3f} ({m['ranked_by']} score)")
+    parts.append(f"{m['seconds']:.1f} s -> {out}")
+    return "; ".join(parts)
+
+
 def _summary_line(r) -> str:  # noqa: ANN001 - extract.run.SplitResult
     if r.already_done:
         return f"{r.split}: {r.rows:,} rows in {r.path}, complete already (--overwrite to extract again)"

@@ -184,6 +184,12 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    """(section.key, values) pairs; mcpipe sweep runs every combination."""
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
@@ -191,6 +197,7 @@ class Config:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     cleaner: CleanerConfig = field(default_factory=CleanerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -286,17 +293,56 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(tables)
 
 
+def _sweep_grid(table: dict[str, Any]) -> SweepConfig:
+    """``[sweep]``: ``cleaner.subset_size = [1, 2, 4]`` (a nested table) or ``"cleaner.subset_size" = [...]``."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
+    grid = []
+    for dotted, values in flat.items():
+        if "." not in dotted:
+            raise ConfigError(f"sweep.{dotted} is invalid: expected section.key = [values], "
+                              "e.g. cleaner.subset_size = [1, 2, 4]")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.{dotted} = {values!r} is invalid: expected a non-empty list of values")
+        section, key = dotted.split(".", 1)
+        if section == "sweep":
+            raise ConfigError("[sweep] cannot sweep over itself")
+        for v in values:  # each value must be valid on its own
+            config_from_dict({section: {key: v}})
+        grid.append((dotted, tuple(values)))
+    return SweepConfig(grid=tuple(grid))
+
+
 def config_from_dict(tables: dict[str, Any]) -> Config:
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
     built = {}
     for name, values in tables.items():
+        if name == "sweep" and isinstance(values, dict):
+            built[name] = _sweep_grid(values)
+            continue
         if name not in sections:
             raise ConfigError(f"unknown section [{name}] in the config; valid sections: {', '.join(sections)}")
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] in the config must be a table of keys, got {values!r}")
         built[name] = _build(hints[name], values, name)
     return Config(**built)
+
+
+def with_overrides(cfg: Config, changes: dict[str, Any]) -> Config:
+    """``cfg`` with ``{"section.key": value}`` applied (a sweep point)."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for dotted, value in changes.items():
+        section, key = dotted.split(".", 1)
+        by_section.setdefault(section, {})[key] = value
+    for section, values in by_section.items():
+        cfg = replace(cfg, section, **values)
+    return cfg
 
 
 def replace(cfg: Config, section: str, **changes: Any) -> Config:
@@ -328,8 +374,11 @@ def to_toml(cfg: Config, sections: tuple[str, ...] | None = None) -> str:
         if sections is not None and f.name not in sections:
             continue
         lines.append(f"[{f.name}]")
-        for key, value in dataclasses.asdict(getattr(cfg, f.name)).items():
-            lines.append(f"{key} = {_toml_value(value)}")
+        if f.name == "sweep":
+            lines += [f'"{key}" = {_toml_value(list(values))}' for key, values in cfg.sweep.grid]
+        else:
+            for key, value in dataclasses.asdict(getattr(cfg, f.name)).items():
+                lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 

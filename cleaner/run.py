@@ -1,0 +1,259 @@
+"""``mcpipe train-head``: MetaCleaner + softmax on cached features, the stage's entry point.
+
+``prepare`` loads the stores once (and the kNN graph, cached beside the
+store); ``train_head`` trains one configuration into a run folder, so
+``mcpipe sweep`` can call it many times on what was loaded once.
+
+Run folder: ``config.toml``, ``checkpoint.pt`` (every epoch, atomic),
+``head.pt``, ``metrics.json``, ``scores.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcpipe.cleaner import knn
+from mcpipe.cleaner.metrics import accuracy, detection
+from mcpipe.cleaner.model import Head
+from mcpipe.cleaner.noise import noise_from_config
+from mcpipe.cleaner.sampler import SubsetSampler
+from mcpipe.cleaner.train import alpha_scores, predict, set_accuracy, train_one_epoch
+from mcpipe.config import Config, to_toml
+from mcpipe.errors import ConfigError, DataError
+from mcpipe.progress import progress_bar
+from mcpipe.store.reader import FeatureStore, open_store
+
+log = logging.getLogger(__name__)
+
+HEAD_FORMAT = "mcpipe-head"
+RUN_SECTIONS = ("noise", "cleaner", "train")
+_RUN_FILES = ("config.toml", "checkpoint.pt", "head.pt", "metrics.json", "scores.csv")
+
+
+@dataclass
+class Prepared:
+    """What every head run on one feature folder shares, loaded once."""
+
+    features_dir: Path
+    train: FeatureStore
+    test: FeatureStore | None
+    device: torch.device
+    train_x: torch.Tensor          # (M, D) on the device, store dtype
+    test_x: torch.Tensor | None
+    graphs: dict = field(default_factory=dict)  # (k, labels hash) -> KnnGraph
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
+def _check_pair(train: FeatureStore, test: FeatureStore) -> None:
+    for what, a, b in (("feature dimension", train.feature_dim, test.feature_dim),
+                       ("classes", train.classes, test.classes),
+                       ("backbone", train.attrs.get("backbone"), test.attrs.get("backbone")),
+                       ("preprocessing", train.attrs.get("preprocessing"), test.attrs.get("preprocessing"))):
+        if a != b:
+            raise DataError(f"{train.path} and {test.path} differ in {what}: {a!s:.80} vs {b!s:.80}; "
+                            "extract both splits with the same config")
+
+
+def prepare(cfg: Config, features_dir: str | Path) -> Prepared:
+    """Open ``features_dir/train.h5`` (and ``test.h5`` when present) and put them on the device."""
+    features_dir = Path(features_dir)
+    if not features_dir.is_dir():
+        raise DataError(f"--features {features_dir} is not a folder of stores (mcpipe extract --out writes one)")
+    train = open_store(features_dir / "train.h5")
+    test = open_store(features_dir / "test.h5") if (features_dir / "test.h5").exists() else None
+    if test is None:
+        log.warning("no %s: test accuracy will not be measured", features_dir / "test.h5")
+    else:
+        _check_pair(train, test)
+    device = resolve_device(cfg.train.device)
+    to = lambda s: torch.from_numpy(s.features).to(device)  # noqa: E731
+    return Prepared(features_dir, train, test, device, to(train), to(test) if test is not None else None)
+
+
+def _noisy_labels(cfg: Config, prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """(given labels for training, known clean labels for the metrics)."""
+    store = prep.train
+    if cfg.noise.kind == "none":
+        return store.labels.copy(), store.clean_labels.copy()
+    noisy = noise_from_config(store.labels, store.num_classes, cfg.noise)
+    return noisy, store.labels.copy()  # the original labels become the known clean ones
+
+
+def _graph(cfg: Config, prep: Prepared, labels: np.ndarray):
+    key = (cfg.cleaner.knn_k, hash(labels.tobytes()))
+    if key not in prep.graphs:
+        prep.graphs[key] = knn.load_or_build(prep.train, labels, k=cfg.cleaner.knn_k)
+    return prep.graphs[key]
+
+
+def _new_head(cfg: Config, prep: Prepared) -> Head:
+    c = cfg.cleaner
+    mean = std = None
+    if cfg.train.standardize:
+        x = prep.train_x.float()
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        head = Head(prep.train.feature_dim, prep.train.num_classes, subset_size=c.subset_size, hidden=c.hidden,
+                    weighting=c.weighting, combine=c.combine, mean=mean, std=std)
+    return head.to(prep.device)
+
+
+def _prepare_out(out: Path, config_text: str, *, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a run folder")
+    present = [f for f in _RUN_FILES if (out / f).exists()]
+    if resume:
+        if not (out / "checkpoint.pt").exists():
+            raise DataError(f"--resume: {out} has no checkpoint.pt to resume from")
+        saved = (out / "config.toml").read_text(encoding="utf-8") if (out / "config.toml").exists() else ""
+        if saved != config_text:
+            raise ConfigError(f"--resume: the config differs from the one {out} was started with "
+                              f"({out / 'config.toml'}); resume with the same config, or --overwrite")
+        return
+    if present and not overwrite:
+        raise DataError(f"{out} already holds a run ({', '.join(present)}); --resume to continue it or "
+                        "--overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in present:
+        (out / name).unlink()
+    (out / "config.toml").write_text(config_text, encoding="utf-8")
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _provenance(store: FeatureStore) -> dict:
+    keys = ("backbone", "weights", "weights_sha256", "preprocessing", "image_size", "source_fingerprint",
+            "config_fingerprint", "dataset")
+    return {k: store.attrs.get(k) for k in keys}
+
+
+def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+               progress: bool = False) -> dict:
+    """Train one configuration into ``out``; returns the metrics (also in ``out/metrics.json``)."""
+    out = Path(out)
+    store = prep.train
+    config_text = to_toml(cfg, ("data", "extract", "store", *RUN_SECTIONS))
+    _prepare_out(out, config_text, resume=resume, overwrite=overwrite)
+    start = time.perf_counter()
+    given, clean = _noisy_labels(cfg, prep)
+    graph = _graph(cfg, prep, given)
+    n = cfg.cleaner.subset_size
+    sampler = SubsetSampler(given, subset_size=n, batch_size=cfg.train.batch_size, mining=cfg.cleaner.mining,
+                            neighbours=graph.same_label, agreement=knn.agreement(graph, given), seed=cfg.train.seed)
+    if sampler.small_classes:
+        names = ", ".join(store.classes[c] for c in sampler.small_classes[:10])
+        log.warning("%d classes have fewer than N = %d images and are drawn with replacement: %s",
+                    len(sampler.small_classes), n, names)
+    head = _new_head(cfg, prep)
+    t = cfg.train
+    optimizer = torch.optim.SGD(head.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
+    history: list[dict] = []
+    first_epoch = 0
+    if resume:
+        ckpt = torch.load(out / "checkpoint.pt", map_location=prep.device, weights_only=True)
+        head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, first_epoch = ckpt["history"], ckpt["epoch"] + 1
+        log.info("resuming %s after epoch %d", out, first_epoch)
+    given_t = torch.from_numpy(given).to(prep.device)
+    per_epoch = len(sampler) * max(1, t.batch_size // n) * n
+    with progress_bar(progress) as bar:
+        task = bar.add_task("train-head", total=per_epoch * (t.epochs - first_epoch))
+        for epoch in range(first_epoch, t.epochs):
+            bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}")
+            stats = train_one_epoch(head, prep.train_x, given_t, sampler, epoch, optimizer,
+                                    on_batch=lambda k, loss: bar.update(task, advance=k,
+                                                                        description=f"epoch {epoch + 1}/{t.epochs} "
+                                                                                    f"loss {loss:.3f}"))
+            scheduler.step()
+            row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": optimizer.param_groups[0]["lr"],
+                   "images_per_second": stats["images"] / max(stats["seconds"], 1e-9)}
+            if prep.test is not None:
+                row["test_accuracy"] = accuracy(predict(head, prep.test_x)[0], prep.test.labels)
+            history.append(row)
+            _save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                          "config": config_text}, out / "checkpoint.pt")
+    metrics = _finish(cfg, prep, head, out, given, clean, graph, history)
+    metrics["seconds"] = time.perf_counter() - start
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def _finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarray, clean: np.ndarray, graph,
+            history: list[dict]) -> dict:
+    store = prep.train
+    n = cfg.cleaner.subset_size
+    pred, probs = predict(head, prep.train_x)
+    scores = {
+        "alpha": alpha_scores(head, prep.train_x, given, subset_size=n, repeats=cfg.cleaner.score_repeats,
+                              seed=cfg.train.seed),
+        "classifier": probs[np.arange(len(given)), given],
+        "knn": knn.agreement(graph, given),
+    }
+    metrics: dict = {"history": history, "train_images": int(len(given)),
+                     "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
+                               "realized_rate": float((given != store.labels).mean())}}
+    if prep.test is not None:
+        metrics["test_accuracy"] = accuracy(predict(head, prep.test_x)[0], prep.test.labels)
+        metrics["test_images"] = int(len(prep.test.labels))
+        if n > 1:
+            metrics["set_accuracy"] = set_accuracy(head, prep.test_x, prep.test.labels, subset_size=n,
+                                                   seed=cfg.train.seed)
+    found = {name: detection(s, given, clean) for name, s in scores.items()}
+    metrics["detection"] = {name: d for name, d in found.items() if d is not None}
+    rank = cfg.train.rank_by
+    if found[rank] is not None:
+        metrics["noise_detection_auroc"] = found[rank]["auroc"]
+        metrics["noise_detection_ap"] = found[rank]["average_precision"]
+    metrics["ranked_by"] = rank
+    _write_scores(out / "scores.csv", store, given, clean, pred, scores, rank)
+    _save_atomic({"format": HEAD_FORMAT, "version": 1, "state_dict": head.state_dict(), "head": head.config(),
+                  "classes": list(store.classes), "feature_dim": store.feature_dim,
+                  "provenance": _provenance(store), "config": to_toml(cfg)}, out / "head.pt")
+    return metrics
+
+
+def _write_scores(path: Path, store: FeatureStore, given, clean, pred, scores: dict, rank: str) -> None:
+    """One row per training image, most suspect (lowest ``rank`` score) first."""
+    order = np.argsort(scores[rank], kind="stable")
+    names = store.classes
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "id", "given_label", "predicted_label", "clean_label", "alpha_score",
+                    "classifier_score", "knn_score"])
+        for r, i in enumerate(order, 1):
+            w.writerow([r, store.ids[i], names[given[i]], names[pred[i]], names[clean[i]] if clean[i] >= 0 else "",
+                        f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", f"{scores['knn'][i]:.4f}"])
+    os.replace(tmp, path)
+
+
+def run(cfg: Config, *, features: str | Path, out: str | Path, resume: bool = False, overwrite: bool = False,
+        progress: bool = False) -> dict:
+    """``mcpipe train-head``: load the stores, train, write the run folder."""
+    prep = prepare(cfg, features)
+    return train_head(cfg, prep, out, resume=resume, overwrite=overwrite, progress=progress)

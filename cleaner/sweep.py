@@ -1,0 +1,94 @@
+"""``mcpipe sweep``: every combination of the ``[sweep]`` grid, in one process.
+
+Features and kNN graphs are loaded once (``prepare``); each point trains
+into ``OUT/<nn>-<key=value,...>/`` like ``mcpipe train-head``. Results go
+to ``OUT/results.csv`` and ``OUT/results.md``, best test accuracy first.
+Points already finished (their ``metrics.json`` exists with the same
+config) are read back instead of retrained, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import re
+from pathlib import Path
+
+from mcpipe.cleaner.run import RUN_SECTIONS, prepare, train_head
+from mcpipe.config import Config, to_toml, with_overrides
+from mcpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def grid_points(cfg: Config) -> list[dict]:
+    """The grid's combinations as ``{"section.key": value}`` dicts, in grid order."""
+    if not cfg.sweep.grid:
+        raise ConfigError("[sweep] is empty: give at least one key with a list of values, "
+                          "e.g. --set 'sweep.cleaner.subset_size=[1, 2, 4]'")
+    keys = [k for k, _ in cfg.sweep.grid]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in cfg.sweep.grid))]
+
+
+def _slug(i: int, point: dict) -> str:
+    text = ",".join(f"{k.split('.', 1)[1]}={v}" for k, v in point.items())
+    return f"{i:03d}-" + re.sub(r"[^A-Za-z0-9_.,=-]+", "_", text)[:120]
+
+
+def run(cfg: Config, *, features: str | Path, out: str | Path, progress: bool = False) -> list[dict]:
+    out = Path(out)
+    points = grid_points(cfg)
+    prep = prepare(cfg, features)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    rows = []
+    for i, point in enumerate(points):
+        point_cfg = with_overrides(cfg, point)
+        run_dir = out / _slug(i, point)
+        metrics = _finished(run_dir, point_cfg)
+        if metrics is None:
+            log.info("sweep %d/%d: %s", i + 1, len(points), point)
+            metrics = train_head(point_cfg, prep, run_dir, overwrite=True, progress=progress)
+        rows.append({**point, "test_accuracy": metrics.get("test_accuracy"),
+                     "noise_detection_auroc": metrics.get("noise_detection_auroc"),
+                     "seconds": metrics["seconds"], "run": run_dir.name})
+    rows.sort(key=lambda r: -(r["test_accuracy"] if r["test_accuracy"] is not None else -1))
+    _write(out, rows, [k for k, _ in cfg.sweep.grid])
+    return rows
+
+
+def _finished(run_dir: Path, cfg: Config) -> dict | None:
+    try:
+        same = (run_dir / "config.toml").read_text(encoding="utf-8") == to_toml(
+            cfg, ("data", "extract", "store", *RUN_SECTIONS))
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")) if same else None
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _write(out: Path, rows: list[dict], keys: list[str]) -> None:
+    cols = [*keys, "test_accuracy", "noise_detection_auroc", "seconds", "run"]
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r[c]) if c != "seconds" else f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def format_table(rows: list[dict], keys: list[str]) -> str:
+    head = [*keys, "test_acc", "auroc", "seconds"]
+    body = [[_fmt(r[k]) for k in keys] + [_fmt(r["test_accuracy"]), _fmt(r["noise_detection_auroc"]),
+                                          f"{r['seconds']:.1f}"] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), *(fmt(b) for b in body)])

@@ -1,0 +1,112 @@
+"""Training and scoring of the head on cached features.
+
+``features`` are an (M, D) float16 or float32 tensor kept on the device;
+batches are gathered by row index and cast to float32 per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mcpipe.cleaner.model import Head
+from mcpipe.cleaner.sampler import SubsetSampler
+
+_EVAL_ROWS = 8192
+
+
+def train_one_epoch(head: Head, features: torch.Tensor, labels: torch.Tensor, sampler: SubsetSampler, epoch: int,
+                    optimizer: torch.optim.Optimizer, *, on_batch: Callable[[int, float], None] | None = None) -> dict:
+    """One epoch of K x N subset batches. ``labels``: (M,) the given (noisy) labels on the device.
+
+    Returns ``{"loss": mean batch loss, "images": images drawn, "seconds"}``.
+    """
+    head.train()
+    device = features.device
+    total, batches, images = 0.0, 0, 0
+    start = time.perf_counter()
+    for rows in sampler.epoch(epoch):
+        idx = torch.from_numpy(rows).to(device)                  # (K, N)
+        v = features[idx.reshape(-1)].float().reshape(*idx.shape, -1)  # (K, N, D)
+        y = labels[idx[:, 0]]                                      # (K,) all N share the label
+        loss, _ = head.subset_loss(v, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+        total += loss_value
+        batches += 1
+        images += idx.numel()
+        if on_batch is not None:
+            on_batch(idx.numel(), loss_value)
+    return {"loss": total / max(batches, 1), "images": images, "seconds": time.perf_counter() - start}
+
+
+@torch.inference_mode()
+def predict(head: Head, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Cleaner removed: (M, D) features -> (predicted class (M,), probabilities (M, C))."""
+    head.eval()
+    probs = []
+    for start in range(0, len(features), _EVAL_ROWS):
+        probs.append(torch.softmax(head(features[start:start + _EVAL_ROWS].float()), dim=1).cpu())
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, head.num_classes), np.float32)
+    return p.argmax(1), p
+
+
+@torch.inference_mode()
+def alpha_scores(head: Head, features: torch.Tensor, labels: np.ndarray, *, subset_size: int, repeats: int,
+                 seed: int) -> np.ndarray:
+    """Each image's mean alpha over ``repeats`` random subsets of its (given) class.
+
+    In every repeat each class's images are shuffled and cut into subsets of
+    N; a last short subset is filled with other random images of the class.
+    Returns (M,) float; for a class with one image alpha of a 1-subset.
+    """
+    head.eval()
+    rng = np.random.default_rng(seed)
+    total = np.zeros(len(labels))
+    count = np.zeros(len(labels))
+    members = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)] if len(labels) else []
+    for _ in range(repeats):
+        groups = []
+        for rows in members:
+            if len(rows) == 0:
+                continue
+            perm = rng.permutation(rows)
+            short = -len(perm) % subset_size
+            if short:
+                perm = np.concatenate([perm, rng.choice(rows, size=short, replace=len(rows) < short)])
+            groups.append(perm.reshape(-1, subset_size))
+        subsets = np.concatenate(groups)
+        for start in range(0, len(subsets), _EVAL_ROWS // subset_size):
+            part = subsets[start:start + _EVAL_ROWS // subset_size]
+            idx = torch.from_numpy(part).to(features.device)
+            v = features[idx.reshape(-1)].float().reshape(*idx.shape, -1)
+            _, alpha = head.set_logits(v)
+            np.add.at(total, part.reshape(-1), alpha.cpu().numpy().reshape(-1))
+            np.add.at(count, part.reshape(-1), 1)
+    return total / np.maximum(count, 1)
+
+
+@torch.inference_mode()
+def set_accuracy(head: Head, features: torch.Tensor, labels: np.ndarray, *, subset_size: int, seed: int) -> float:
+    """The paper's set mode: test images grouped by label into subsets of N,
+    the trained cleaner applied, v_c classified; accuracy against the subsets' label."""
+    head.eval()
+    rng = np.random.default_rng(seed)
+    subsets = []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        n = len(rows) // subset_size * subset_size
+        if n:
+            subsets.append(rows[:n].reshape(-1, subset_size))
+    if not subsets:
+        return float("nan")
+    rows = np.concatenate(subsets)
+    idx = torch.from_numpy(rows).to(features.device)
+    v = features[idx.reshape(-1)].float().reshape(*idx.shape, -1)
+    logits, _ = head.set_logits(v)
+    return float((logits.argmax(1).cpu().numpy() == labels[rows[:, 0]]).mean())
