@@ -139,7 +139,7 @@ class Relation(nn.Module):
 
     def __init__(self, feature_dim: int, hidden: int) -> None:
         super().__init__()
-        width = hidden  # keeps the MLP well below the D x H projection in cost
+        width = max(1, hidden // 4)  # keeps the MLP well below the D x H projection in cost
         self.proj = nn.Linear(feature_dim, hidden)
         self.mlp = nn.Sequential(nn.Linear(4 * hidden + 1, width), nn.ReLU(), nn.Linear(width, 1))
 

@@ -102,12 +102,25 @@ def _graph(cfg: Config, prep: Prepared, labels: np.ndarray):
     return prep.graphs[key]
 
 
+def feature_moments(x: torch.Tensor, *, block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of (M, D) ``x``, in float64 blocks (no float32 copy of ``x``)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(x), block):
+        part = x[start:start + block].double()
+        total += part.sum(0)
+        squares += (part * part).sum(0)
+    n = max(len(x), 1)
+    mean = total / n
+    var = (squares / n - mean * mean).clamp_min(0) * n / max(n - 1, 1)
+    return mean.float(), var.sqrt().float().clamp_min(1e-6)
+
+
 def _new_head(cfg: Config, prep: Prepared) -> Head:
     c = cfg.cleaner
     mean = std = None
     if cfg.train.standardize:
-        x = prep.train_x.float()
-        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        mean, std = feature_moments(prep.train_x)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         head = Head(prep.train.feature_dim, prep.train.num_classes, subset_size=c.subset_size, hidden=c.hidden,

@@ -1,0 +1,134 @@
+"""Head training speed at Food-101N scale on synthetic features.
+
+    .venv/bin/python bench/head_speed.py [--rows 310000] [--dim 2048] [--classes 101]
+
+Writes (once, cached under --dir) a feature store the size of Food-101N:
+310,000 x 2048 float16, 101 classes (class-clustered Gaussian features;
+realism does not matter for speed). Then, in a fresh process so that its
+peak memory is its own, with the paper's Food-101N settings (N = 4,
+batch 480, hidden 384, fc_fc_relu_sig): loads the store, builds the FAISS
+kNN graph, trains one epoch, and profiles 20 steps. Prints seconds per epoch,
+graph build seconds, peak memory as a multiple of the feature matrix, and the
+share of step time spent in the matrix products (torch.profiler: self CPU
+time of aten::mm / addmm / bmm over the wall time of the same steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+
+def make_store(path: Path, rows: int, dim: int, classes: int, seed: int = 0) -> None:
+    from mcpipe.store.writer import StoreSpec, StoreWriter
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, rows)
+    centers = rng.standard_normal((classes, dim)).astype(np.float32)
+    block = 65536
+    spec = StoreSpec(ids=[f"synthetic/{i:07d}" for i in range(rows)], labels=labels, clean_labels=labels.copy(),
+                     feature_dim=dim, dtype="float16", block_rows=block, chunk_rows=256,
+                     attrs={"mcpipe_version": "bench", "dataset": "synthetic", "split": "train",
+                            "class_names": np.array([f"class{c}" for c in range(classes)], dtype=h5py.string_dtype()),
+                            "backbone": "synthetic", "weights": "none", "weights_sha256": "", "random_init": True,
+                            "image_size": 224, "preprocessing": "{}", "source_fingerprint": f"synthetic-{rows}-{dim}",
+                            "config_fingerprint": f"synthetic-{seed}", "precision": "fp32", "device": "cpu",
+                            "data_root": ""})
+    with StoreWriter.open(path, spec, overwrite=True, sync_seconds=60) as w:
+        for b in w.pending_blocks():
+            lo, hi = w.block_range(b)
+            x = centers[labels[lo:hi]] + 1.5 * rng.standard_normal((hi - lo, dim), dtype=np.float32)
+            w.write_block(b, np.maximum(x, 0), np.zeros(hi - lo, np.uint8))
+
+
+def worker(store_dir: Path, steps: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mcpipe.cleaner import knn
+    from mcpipe.cleaner.run import _new_head, prepare
+    from mcpipe.cleaner.sampler import SubsetSampler
+    from mcpipe.cleaner.train import train_one_epoch
+    from mcpipe.config import load_config
+
+    cfg = load_config(None, ["train.device=cpu", "cleaner.subset_size=4", "train.batch_size=480",
+                             "cleaner.hidden=384", "cleaner.weighting=fc_fc_relu_sig"])
+    t = time.perf_counter()
+    prep = prepare(cfg, store_dir)
+    load_s = time.perf_counter() - t
+    labels = prep.train.labels
+    t = time.perf_counter()
+    graph = knn.build_knn(prep.train.features, labels, k=cfg.cleaner.knn_k)
+    knn_s = time.perf_counter() - t
+    sampler = SubsetSampler(labels, subset_size=4, batch_size=480, seed=0)
+    head = _new_head(cfg, prep)
+    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9, weight_decay=0.001)
+    y = torch.from_numpy(labels)
+    stats = train_one_epoch(head, prep.train_x, y, sampler, 0, opt)
+
+    class Steps:  # the first `steps` batches of an epoch
+        def epoch(self, e):
+            for i, rows in enumerate(sampler.epoch(e)):
+                if i == steps:
+                    return
+                yield rows
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        train_one_epoch(head, prep.train_x, y, Steps(), 1, opt)
+        wall = time.perf_counter() - t
+    matmul_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm",
+                                                                                     "aten::bmm"))
+    del graph
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"rows": len(labels), "load_s": load_s, "knn_s": knn_s, "epoch_s": stats["seconds"],
+            "batches": len(sampler), "matmul_share": matmul_us / 1e6 / wall, "peak_bytes": peak,
+            "feature_bytes": prep.train.features.nbytes, "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=310_000)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--classes", type=int, default=101)
+    p.add_argument("--steps", type=int, default=20, help="steps profiled for the matrix-product share")
+    p.add_argument("--dir", type=Path, default=Path("/tmp/mcpipe-head-speed"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    store_dir = args.dir / f"{args.rows}x{args.dim}x{args.classes}"
+    if args.worker:
+        print(json.dumps(worker(store_dir, args.steps)))
+        return
+    if not (store_dir / "train.h5").exists():
+        store_dir.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        make_store(store_dir / "train.h5", args.rows, args.dim, args.classes)
+        print(f"wrote synthetic store {store_dir / 'train.h5'} in {time.perf_counter() - t:.1f} s", flush=True)
+    res = subprocess.run([sys.executable, __file__, "--worker", "--rows", str(args.rows), "--dim", str(args.dim),
+                          "--classes", str(args.classes), "--steps", str(args.steps), "--dir", str(args.dir)],
+                         capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(res.stderr[-3000:])
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    gib = 2 ** 30
+    print(f"{r['rows']:,} x {args.dim} float16, {args.classes} classes; N = 4, batch 480, hidden 384, "
+          f"fc_fc_relu_sig; CPU, {r['threads']} threads")
+    print(f"load store             {r['load_s']:7.1f} s")
+    print(f"FAISS kNN graph build  {r['knn_s']:7.1f} s   (target <= 120 s)")
+    print(f"one epoch ({r['batches']} batches) {r['epoch_s']:7.1f} s   (target <= 60 s)")
+    print(f"peak memory            {r['peak_bytes'] / gib:7.2f} GiB = {r['peak_bytes'] / r['feature_bytes']:.2f} x "
+          f"the feature matrix ({r['feature_bytes'] / gib:.2f} GiB)   (target <= 2)")
+    print(f"matrix products        {r['matmul_share']:7.1%} of step time over {args.steps} profiled steps "
+          f"(self CPU time of aten::mm/addmm/bmm / wall time)   (target >= 70 %)")
+
+
+if __name__ == "__main__":
+    main()
