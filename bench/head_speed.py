@@ -23,30 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
+from mcpipe.store.synthetic import write_synthetic_store
 
-
-def make_store(path: Path, rows: int, dim: int, classes: int, seed: int = 0) -> None:
-    from mcpipe.store.writer import StoreSpec, StoreWriter
-
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, rows)
-    centers = rng.standard_normal((classes, dim)).astype(np.float32)
-    block = 65536
-    spec = StoreSpec(ids=[f"synthetic/{i:07d}" for i in range(rows)], labels=labels, clean_labels=labels.copy(),
-                     feature_dim=dim, dtype="float16", block_rows=block, chunk_rows=256,
-                     attrs={"mcpipe_version": "bench", "dataset": "synthetic", "split": "train",
-                            "class_names": np.array([f"class{c}" for c in range(classes)], dtype=h5py.string_dtype()),
-                            "backbone": "synthetic", "weights": "none", "weights_sha256": "", "random_init": True,
-                            "image_size": 224, "preprocessing": "{}", "source_fingerprint": f"synthetic-{rows}-{dim}",
-                            "config_fingerprint": f"synthetic-{seed}", "precision": "fp32", "device": "cpu",
-                            "data_root": ""})
-    with StoreWriter.open(path, spec, overwrite=True, sync_seconds=60) as w:
-        for b in w.pending_blocks():
-            lo, hi = w.block_range(b)
-            x = centers[labels[lo:hi]] + 1.5 * rng.standard_normal((hi - lo, dim), dtype=np.float32)
-            w.write_block(b, np.maximum(x, 0), np.zeros(hi - lo, np.uint8))
 
 
 def worker(store_dir: Path, steps: int) -> dict:
@@ -110,7 +88,7 @@ def main() -> None:
     if not (store_dir / "train.h5").exists():
         store_dir.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        make_store(store_dir / "train.h5", args.rows, args.dim, args.classes)
+        write_synthetic_store(store_dir / "train.h5", args.rows, args.dim, args.classes)
         print(f"wrote synthetic store {store_dir / 'train.h5'} in {time.perf_counter() - t:.1f} s", flush=True)
     res = subprocess.run([sys.executable, __file__, "--worker", "--rows", str(args.rows), "--dim", str(args.dim),
                           "--classes", str(args.classes), "--steps", str(args.steps), "--dir", str(args.dir)],
