@@ -210,6 +210,9 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
             _save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                           "config": config_text}, out / "checkpoint.pt")
+            log.info("epoch %d/%d: loss %.4f%s, %.0f img/s", epoch + 1, t.epochs, row["loss"],
+                     f", test accuracy {row['test_accuracy']:.4f}" if "test_accuracy" in row else "",
+                     row["images_per_second"])
     metrics = _finish(cfg, prep, head, out, given, clean, graph, history)
     metrics["seconds"] = time.perf_counter() - start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")

@@ -1,0 +1,148 @@
+"""mcpipe train-head and sweep on small synthetic stores: outputs, determinism, resume, planted noise, refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mcpipe.cli import app
+from mcpipe.store.synthetic import write_synthetic_store
+
+FAST = ["train.epochs=3", "train.lr_step=2", "train.batch_size=64", "cleaner.hidden=16", "train.device=cpu",
+        "cleaner.score_repeats=2", "cleaner.knn_k=5"]
+
+
+@pytest.fixture(scope="module")
+def feats(tmp_path_factory):
+    d = tmp_path_factory.mktemp("feats")
+    write_synthetic_store(d / "train.h5", 600, 24, 5, seed=1, spread=1.0, split="train")
+    write_synthetic_store(d / "test.h5", 200, 24, 5, seed=1, spread=1.0, split="test")
+    return d
+
+
+def sets(*items: str) -> list[str]:
+    out = []
+    for s in (*FAST, *items):
+        out += ["--set", s]
+    return out
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_train_head_writes_a_complete_run(feats, tmp_path):
+    out = tmp_path / "run"
+    res = invoke("train-head", "--features", str(feats), "--out", str(out),
+                 *sets("noise.kind=symmetric", "noise.rate=0.3"))
+    assert res.exit_code == 0, res.output
+    assert "MetaCleaner N = 4" in res.output and "test accuracy" in res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 <= m["test_accuracy"] <= 1 and m["seconds"] > 0 and len(m["history"]) == 3
+    assert abs(m["noise"]["realized_rate"] - 0.3) < 1e-9
+    assert set(m["detection"]) == {"alpha", "classifier", "knn"}
+    assert m["noise_detection_auroc"] == m["detection"]["classifier"]["auroc"]
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == 600 and rows[0]["rank"] == "1"
+    scores = [float(r["classifier_score"]) for r in rows]
+    assert scores == sorted(scores)  # most suspect first
+    head = torch.load(out / "head.pt", weights_only=True)
+    assert head["format"] == "mcpipe-head" and head["classes"] == [f"class{c}" for c in range(5)]
+    assert head["head"]["subset_size"] == 4 and head["feature_dim"] == 24
+    assert "[cleaner]" in (out / "config.toml").read_text()
+
+
+def test_same_config_same_numbers(feats, tmp_path):
+    args = sets("noise.kind=symmetric", "noise.rate=0.2")
+    for name in ("a", "b"):
+        assert invoke("train-head", "--features", str(feats), "--out", str(tmp_path / name), *args).exit_code == 0
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
+    strip = lambda h: [{k: v for k, v in e.items() if k != "images_per_second"} for e in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"]) and a["test_accuracy"] == b["test_accuracy"]
+    assert a["detection"] == b["detection"]
+
+
+def test_planted_noise_is_ranked_first(feats, tmp_path):
+    out = tmp_path / "run"
+    res = invoke("train-head", "--features", str(feats), "--out", str(out),
+                 *sets("noise.kind=symmetric", "noise.rate=0.3", "train.epochs=6"))
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["noise_detection_auroc"] > 0.85
+    assert m["detection"]["knn"]["auroc"] > 0.85
+
+
+def test_refusals(feats, tmp_path):
+    out = tmp_path / "run"
+    res = invoke("train-head", "--features", str(feats), "--out", str(out), *sets("cleaner.subset_size=500"))
+    assert res.exit_code == 2 and "500" in res.output and "Traceback" not in res.output
+    res = invoke("train-head", "--features", str(feats), "--out", str(out), *sets("cleaner.weighting=magic"))
+    assert res.exit_code == 2 and "cleaner.weighting" in res.output and "relation" in res.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_synthetic_store(bad / "train.h5", 50, 8, 3, split="train")
+    write_synthetic_store(bad / "test.h5", 50, 12, 3, split="test")
+    res = invoke("train-head", "--features", str(bad), "--out", str(out), *sets())
+    assert res.exit_code == 1 and "feature dimension" in res.output
+    res = invoke("train-head", "--features", str(tmp_path / "none"), "--out", str(out), *sets())
+    assert res.exit_code == 1 and "not a folder" in res.output
+    # a finished run is not overwritten without --overwrite
+    assert invoke("train-head", "--features", str(feats), "--out", str(out), *sets()).exit_code == 0
+    before = (out / "metrics.json").read_bytes()
+    res = invoke("train-head", "--features", str(feats), "--out", str(out), *sets())
+    assert res.exit_code == 1 and "already holds a run" in res.output
+    res = invoke("train-head", "--features", str(feats), "--out", str(out), "--resume", *sets("train.lr=0.5"))
+    assert res.exit_code == 2 and "config differs" in res.output
+    assert (out / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_same_result(tmp_path):
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    write_synthetic_store(feats / "train.h5", 20000, 64, 10, split="train")
+    write_synthetic_store(feats / "test.h5", 500, 64, 10, split="test")
+    args = [sys.executable, "-m", "mcpipe", "train-head", "--features", str(feats), "--no-progress",
+            *sets("train.epochs=8", "noise.kind=symmetric", "noise.rate=0.4")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*args, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen([*args, "--out", str(tmp_path / "part")], env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("epoch 2/8"):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "part" / "metrics.json").exists()
+    res = subprocess.run([*args, "--out", str(tmp_path / "part"), "--resume"], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("full", "part"))
+    strip = lambda h: [{k: v for k, v in e.items() if k != "images_per_second"} for e in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    assert a["test_accuracy"] == b["test_accuracy"] and a["detection"] == b["detection"]
+
+
+def test_sweep_runs_the_grid_once_loaded(feats, tmp_path):
+    out = tmp_path / "sweep"
+    res = invoke("sweep", "--features", str(feats), "--out", str(out),
+                 *sets("noise.kind=symmetric", "noise.rate=0.3", "sweep.cleaner.subset_size=[1, 2]",
+                       'sweep.cleaner.weighting=["constant", "fc_fc_relu_sig"]'))
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4
+    accs = [float(r["test_accuracy"]) for r in rows]
+    assert accs == sorted(accs, reverse=True)
+    assert {(r["cleaner.subset_size"], r["cleaner.weighting"]) for r in rows} == {
+        ("1", "constant"), ("1", "fc_fc_relu_sig"), ("2", "constant"), ("2", "fc_fc_relu_sig")}
+    assert (out / "results.md").read_text().startswith("| cleaner.subset_size | cleaner.weighting |")
+    res = invoke("sweep", "--features", str(feats), "--out", str(tmp_path / "s2"), *sets())
+    assert res.exit_code == 2 and "[sweep] is empty" in res.output
