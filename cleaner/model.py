@@ -8,9 +8,15 @@ CNN features during end-to-end fine-tuning (stage 3), where the backbone's
 
 Noisy Weighting maps a subset v (B, N, D) to confidences alpha (B, N); Clean
 Hallucinating turns them into one sample per subset, v_c = sum_i alpha_i v_i /
-sum_i alpha_i. Every weighting and both ways of using alpha normalise by
-sum(alpha), so N = 1 is exactly plain softmax training (the weights are then
-alpha / alpha = 1).
+sum_i alpha_i. Both ways of using alpha depend on it only through the
+normalised weights w = alpha / sum(alpha), so N = 1 is exactly plain softmax
+training (w = 1).
+
+The weighting nets return log alpha and w is computed as softmax(log alpha).
+This is the same w, but it stays finite when every sigmoid of a subset
+underflows to 0: the loss only sees alpha / sum(alpha), so nothing holds the
+overall level of alpha up and the sigmoid variants (attention_sig, fc_fc_sig,
+relation) do drift towards 0 during training; alpha / sum(alpha) then gives 0/0.
 """
 
 from __future__ import annotations
@@ -37,9 +43,14 @@ RELU_OUT_BIAS = 0.5
 # --------------------------------------------------------------------------- pure functions
 
 
-def normalized(alpha: Tensor) -> Tensor:
-    """alpha (B, N) -> alpha / sum_i alpha_i (B, N); exactly 1 when N = 1."""
-    return alpha / alpha.sum(dim=1, keepdim=True)
+def normalized(log_alpha: Tensor) -> Tensor:
+    """log alpha (B, N) -> w = alpha / sum_i alpha_i (B, N), as a softmax; exactly 1 when N = 1."""
+    return torch.softmax(log_alpha, dim=1)
+
+
+def convex_combination(v: Tensor, w: Tensor) -> Tensor:
+    """v (B, N, D), w (B, N) >= 0 summing to 1 over N -> sum_i w_i v_i (B, D)."""
+    return torch.bmm(w.unsqueeze(1), v).squeeze(1)
 
 
 def hallucinate(v: Tensor, alpha: Tensor) -> Tensor:
@@ -47,31 +58,32 @@ def hallucinate(v: Tensor, alpha: Tensor) -> Tensor:
 
     A convex combination of the subset's features, so v_c = v_1 when N = 1.
     """
-    return torch.bmm(normalized(alpha).unsqueeze(1), v).squeeze(1)
+    return convex_combination(v, alpha / alpha.sum(dim=1, keepdim=True))
 
 
-def reweighted_loss(logits: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
+def reweighted_loss(logits: Tensor, y: Tensor, w: Tensor) -> Tensor:
     """Loss reweighting (the paper's Table 3 alternative to hallucination).
 
     logits (B, N, C) of each image on its own, y (B,) the subsets' labels,
-    alpha (B, N) -> scalar mean over subsets of sum_i alpha_i CE_i / sum_i alpha_i.
-    Normalising by sum(alpha) keeps the loss a weighted mean of the images'
-    losses, so the weighting net cannot lower it by shrinking every alpha.
+    w (B, N) = alpha / sum(alpha) -> scalar mean over subsets of
+    sum_i alpha_i CE_i / sum_i alpha_i. Normalising by sum(alpha) keeps the loss
+    a weighted mean of the images' losses, so the weighting net cannot lower it
+    by shrinking every alpha.
     """
     b, n, c = logits.shape
     ce = F.cross_entropy(logits.reshape(b * n, c), y.repeat_interleave(n), reduction="none")
-    return (normalized(alpha) * ce.view(b, n)).sum(dim=1).mean()
+    return (w * ce.view(b, n)).sum(dim=1).mean()
 
 
 # --------------------------------------------------------------------------- weighting nets
-# Each maps standardised features v (B, N, D) to alpha (B, N) > 0.
+# Each maps standardised features v (B, N, D) to log alpha (B, N).
 
 
 class Constant(nn.Module):
     """alpha_i = 1: v_c is the plain mean of the subset. No parameters; any N."""
 
     def forward(self, v: Tensor) -> Tensor:
-        return v.new_ones(v.shape[:2])
+        return v.new_zeros(v.shape[:2])
 
 
 class Attention(nn.Module):
@@ -90,7 +102,7 @@ class Attention(nn.Module):
 
     def forward(self, v: Tensor) -> Tensor:
         s = self.score(torch.tanh(self.proj(v))).squeeze(-1)
-        return torch.exp(s) if self.exp else torch.sigmoid(s)
+        return s if self.exp else F.logsigmoid(s)
 
 
 class ConcatFC(nn.Module):
@@ -124,7 +136,7 @@ class ConcatFC(nn.Module):
         s = self.fc2(h)
         if self.relu_out:
             s = F.relu(s)
-        return torch.sigmoid(s)
+        return F.logsigmoid(s)
 
 
 class Relation(nn.Module):
@@ -152,7 +164,7 @@ class Relation(nn.Module):
             q = (p.sum(dim=1, keepdim=True) - p) / (n - 1)
             cos = _cos_to_others(v)
         f = torch.cat([p, q, p * q, (p - q).abs(), cos.unsqueeze(-1)], dim=-1)  # (B, N, 4H+1)
-        return torch.sigmoid(self.mlp(f).squeeze(-1))
+        return F.logsigmoid(self.mlp(f).squeeze(-1))
 
 
 def _cos_to_others(v: Tensor, eps: float = 1e-8) -> Tensor:
@@ -170,7 +182,7 @@ def _cos_to_others(v: Tensor, eps: float = 1e-8) -> Tensor:
     return (vs - vv) / (vv * oo).clamp_min(eps * eps).sqrt()
 
 
-# (subset_size, feature_dim, hidden) -> weighting net
+# (subset_size, feature_dim, hidden) -> weighting net returning log alpha
 _BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "constant": lambda n, d, h: Constant(),
     "attention_sig": lambda n, d, h: Attention(d, h, exp=False),
@@ -191,6 +203,11 @@ def _check_positive(name: str, value: object) -> None:
 def _check_choice(name: str, value: object, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"{name} = {value!r} is invalid: expected one of {', '.join(valid)}")
+
+
+def _check_subsets(v: Tensor, feature_dim: int) -> None:
+    if v.dim() != 3 or v.shape[2] != feature_dim or v.shape[1] < 1:
+        raise ValueError(f"expected subsets of shape (B, N, {feature_dim}), got {tuple(v.shape)}")
 
 
 # --------------------------------------------------------------------------- modules
@@ -218,11 +235,14 @@ class MetaCleaner(nn.Module):
         self.combine = combine
         self.net = _BUILDERS[weighting](subset_size, feature_dim, hidden)
 
-    def weights(self, v: Tensor) -> Tensor:
-        """v (B, N, D) -> alpha (B, N) > 0."""
-        if v.dim() != 3 or v.shape[2] != self.feature_dim or v.shape[1] < 1:
-            raise ValueError(f"expected subsets of shape (B, N, {self.feature_dim}), got {tuple(v.shape)}")
+    def log_weights(self, v: Tensor) -> Tensor:
+        """v (B, N, D) -> log alpha (B, N)."""
+        _check_subsets(v, self.feature_dim)
         return self.net(v)
+
+    def weights(self, v: Tensor) -> Tensor:
+        """v (B, N, D) -> alpha (B, N) >= 0 (a sigmoid far in its tail reads as 0)."""
+        return self.log_weights(v).exp()
 
     def hallucinate(self, v: Tensor, alpha: Tensor) -> Tensor:
         """v (B, N, D), alpha (B, N) -> v_c = sum_i alpha_i v_i / sum_i alpha_i (B, D)."""
@@ -231,9 +251,9 @@ class MetaCleaner(nn.Module):
         return hallucinate(v, alpha)
 
     def forward(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        """v (B, N, D) -> (v_c (B, D), alpha (B, N))."""
-        alpha = self.weights(v)
-        return hallucinate(v, alpha), alpha
+        """v (B, N, D) -> (v_c (B, D), alpha (B, N)), v_c computed from log alpha."""
+        log_alpha = self.log_weights(v)
+        return convex_combination(v, normalized(log_alpha)), log_alpha.exp()
 
 
 def _buffer(value: Tensor | None, dim: int, default: float, name: str) -> Tensor:
@@ -288,15 +308,17 @@ class Head(nn.Module):
 
         hallucinate: CE(classifier(v_c), y); loss_reweight: see :func:`reweighted_loss`.
         """
+        _check_subsets(v, self.feature_dim)
         if y.shape != v.shape[:1]:
             raise ValueError(f"expected one label per subset, shape ({v.shape[0]},), got {tuple(y.shape)}")
         z = self.standardize(v)
-        alpha = self.cleaner.weights(z)
+        log_alpha = self.cleaner.log_weights(z)
+        w = normalized(log_alpha)
         if self.cleaner.combine == "hallucinate":
-            loss = F.cross_entropy(self.classifier(hallucinate(z, alpha)), y)
+            loss = F.cross_entropy(self.classifier(convex_combination(z, w)), y)
         else:
-            loss = reweighted_loss(self.classifier(z), y, alpha)
-        return loss, alpha.detach()
+            loss = reweighted_loss(self.classifier(z), y, w)
+        return loss, log_alpha.detach().exp()
 
     def set_logits(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """Noisy-labelled test set, cleaner applied: v (B, N, D) -> (logits (B, C), alpha (B, N)).
@@ -304,9 +326,9 @@ class Head(nn.Module):
         logits = classifier(v_c), which for a linear classifier is also the
         alpha-weighted mean of the images' logits, so it serves both combines.
         """
-        z = self.standardize(v)
-        alpha = self.cleaner.weights(z)
-        return self.classifier(hallucinate(z, alpha)), alpha
+        _check_subsets(v, self.feature_dim)
+        v_c, alpha = self.cleaner(self.standardize(v))
+        return self.classifier(v_c), alpha
 
     def config(self) -> dict:
         """Keyword arguments that rebuild this head (mean/std come back with the state_dict)."""
