@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 EXACT_MAX = 20_000  # rows up to which the graph is exact (M^2 D flops: ~20 s at 20k x 2048 on 2 cores)
 PCA_DIM = 256  # dimensions the approximate search runs in
 PCA_TRAIN = 20_000  # rows the PCA is fitted on
-RERANK = 3  # candidates per wanted neighbour re-scored with exact cosine
-RECALL_TARGET = 0.95  # recall@k of the IVF against exhaustive search in the same space
+RERANK = int(os.environ.get("RR", "3"))  # candidates per wanted neighbour re-scored with exact cosine
+RECALL_TARGET = float(os.environ.get("RT", "0.95"))  # recall@k of the IVF against exhaustive search in the same space
 _TUNE_QUERIES = 500  # queries that measure that recall
 _TRAIN_PER_LIST = 32  # k-means training rows per inverted list
 _BLOCK = 8192  # rows per block when converting features to float32
@@ -130,36 +130,36 @@ class _Searcher:
     """k nearest neighbours of a set of rows among the same rows, exact or approximate (module docstring)."""
 
     def __init__(self, features: np.ndarray, *, exact_max: int, seed: int):
-        self.features, self.exact_max, self.seed = features, exact_max, seed
+        self.exact_max, self.seed = exact_max, seed
         self.exact = len(features) <= exact_max
-        self.inv_norm = _inverse_norms(features)
-        self.unit = self.projection = self.space = None
         if self.exact:
-            self.unit = self.units(np.arange(len(features)))
+            self.unit = np.empty(features.shape, dtype=np.float32)
+            for s in range(0, len(features), _BLOCK):
+                self.unit[s:s + _BLOCK] = _unit(features[s:s + _BLOCK])
             return
+        self.projection = None
         if features.shape[1] > PCA_DIM:
-            self.projection = _Projection.fit(self.units(_sample(len(features), PCA_TRAIN, seed)))
-        self.space = np.empty((len(features), self.space_dim), dtype=np.float32)
+            self.projection = _Projection.fit(_unit(features[_sample(len(features), PCA_TRAIN, seed)]))
+        # float16 unit vectors: decoded as queries, and what candidates are re-scored against
+        self.codes = faiss.IndexScalarQuantizer(features.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+        # sized once and filled in place: add() in blocks would grow the vector by doubling (2x peak memory)
+        self.codes.codes.resize(len(features) * self.codes.code_size)
+        view = self._code_view(len(features))
         for s in range(0, len(features), _BLOCK):
-            self.space[s:s + _BLOCK] = self.to_space(self.units(np.arange(s, min(s + _BLOCK, len(features)))))
+            view[s:s + _BLOCK] = self.codes.sa_encode(_unit(features[s:s + _BLOCK]))
+        self.codes.ntotal = len(features)
 
-    @property
-    def space_dim(self) -> int:
-        return self.projection.dim if self.projection else self.features.shape[1]
-
-    def units(self, rows: np.ndarray) -> np.ndarray:
-        """float32 unit vectors of ``features[rows]``, (len(rows), D)."""
-        return _to_float32(self.features[rows]) * self.inv_norm[rows, None]
-
-    def to_space(self, units: np.ndarray) -> np.ndarray:
-        return self.projection.apply(units) if self.projection else units
+    def _code_view(self, n: int) -> np.ndarray:
+        """(n, code_size) uint8 view of the float16 unit vectors held by ``self.codes`` (no copy)."""
+        size = self.codes.code_size
+        return faiss.rev_swig_ptr(self.codes.codes.data(), n * size).reshape(n, size)
 
     def __call__(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(len(rows), k) global indices of each row's nearest neighbours among ``rows``, and their cosines."""
         want = min(k + 1, len(rows))
         if self.exact:
-            units = self.unit if len(rows) == len(self.unit) else self.unit[rows]
-            sim, local = faiss.knn(units, units, want, metric=faiss.METRIC_INNER_PRODUCT)
+            unit = self.unit if len(rows) == len(self.unit) else self.unit[rows]
+            sim, local = faiss.knn(unit, unit, want, metric=faiss.METRIC_INNER_PRODUCT)
         else:
             dist, local = self._approximate(rows, want)
             sim = 1.0 - dist / 2  # squared L2 between unit vectors = 2 - 2 cos
@@ -168,22 +168,35 @@ class _Searcher:
         return idx, np.where(idx >= 0, sim, np.nan).astype(np.float32)
 
     def _approximate(self, rows: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
-        """Search in the projected space, re-score RERANK x want candidates on float16 unit vectors."""
-        space = self.space if len(rows) == len(self.space) else self.space[rows]
-        if len(rows) <= self.exact_max:
-            base = faiss.IndexFlatL2(space.shape[1])
-            base.add(space)
+        """Search the (projected) rows, re-score RERANK x want candidates on the float16 unit vectors."""
+        codes = self._code_view(self.codes.ntotal)
+        units = lambda positions: self.codes.sa_decode(codes[rows[positions]])  # noqa: E731
+        n = len(rows)
+        dim = self.projection.dim if self.projection else self.codes.d
+        base = faiss.IndexFlatL2(dim) if n <= self.exact_max else _ivf(dim, n, self.seed)
+        index = faiss.IndexPreTransform(self.projection.transform(), base) if self.projection else base
+        if not base.is_trained:
+            index.train(units(_sample(n, _TRAIN_PER_LIST * base.nlist, self.seed)))
+        for s in range(0, n, _BLOCK):
+            index.add(units(np.arange(s, min(s + _BLOCK, n))))
+        order = np.arange(n)
+        if isinstance(base, faiss.IndexIVFFlat):
+            queries = units(_sample(n, _TUNE_QUERIES, self.seed + 1))
+            base.nprobe = _tune_nprobe(index, base, queries, self.projection, want)
+            order = np.concatenate([ids for ids, _ in _inverted_lists(base)])  # neighbours probe the same lists
+        if n == self.codes.ntotal:
+            refine = self.codes
         else:
-            base = _ivf(space, want, self.seed)
-        refine = faiss.IndexScalarQuantizer(self.features.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
-        blocks = [rows[s:s + _BLOCK] for s in range(0, len(rows), _BLOCK)]
-        for block in blocks:
-            refine.add(self.units(block))
-        outer = faiss.IndexPreTransform(self.projection.transform(), base) if self.projection else base
-        index = faiss.IndexRefine(outer, refine)
+            refine = faiss.IndexScalarQuantizer(self.codes.d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+            refine.add_sa_codes(codes[rows])
+        index = faiss.IndexRefine(index, refine)
         index.k_factor = RERANK
-        results = [index.search(self.units(block), want) for block in blocks]
-        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+        dist = np.empty((n, want), dtype=np.float32)
+        local = np.empty((n, want), dtype=np.int64)
+        for s in range(0, n, _BLOCK):
+            positions = order[s:s + _BLOCK]
+            dist[positions], local[positions] = index.search(units(positions), want)
+        return dist, local
 
 
 @dataclass
@@ -218,21 +231,19 @@ class _Projection:
         return lt
 
 
-def _to_float32(block: np.ndarray) -> np.ndarray:
-    """float32 copy of a float16 | float32 block (FAISS's SIMD fp16 decoder is ~3x numpy's cast)."""
-    if block.dtype == np.float32:
-        return np.array(block, dtype=np.float32)
-    decoder = faiss.IndexScalarQuantizer(block.shape[1], faiss.ScalarQuantizer.QT_fp16)
-    return decoder.sa_decode(np.ascontiguousarray(block).view(np.uint8))
+def _unit(block: np.ndarray) -> np.ndarray:
+    """float32 L2-normalised rows of a float16 | float32 block (an all-zero row stays zero).
 
-
-def _inverse_norms(features: np.ndarray) -> np.ndarray:
-    """(M,) float32 1 / ||row|| (1 for an all-zero row)."""
-    out = np.empty(len(features), dtype=np.float32)
-    for s in range(0, len(features), _BLOCK):
-        norm = np.linalg.norm(_to_float32(features[s:s + _BLOCK]), axis=1)
-        out[s:s + _BLOCK] = 1.0 / np.where(norm > 0, norm, 1.0)
-    return out
+    float16 is decoded by FAISS's SIMD fp16 codec, about 3x faster than numpy's cast.
+    """
+    if block.dtype == np.float16:
+        decoder = faiss.IndexScalarQuantizer(block.shape[1], faiss.ScalarQuantizer.QT_fp16)
+        x = decoder.sa_decode(np.ascontiguousarray(block).view(np.uint8))
+    else:
+        x = np.array(block, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    x /= np.where(norm > 0, norm, 1.0)
+    return x
 
 
 def _sample(n: int, size: int, seed: int) -> np.ndarray:
@@ -253,25 +264,48 @@ def _drop_self(dist: np.ndarray, local: np.ndarray, k: int) -> tuple[np.ndarray,
     return dist, local
 
 
-def _ivf(space: np.ndarray, k: int, seed: int) -> faiss.IndexIVFFlat:
-    """A filled IndexIVFFlat (L2) over ``space``, nprobe tuned for ``RECALL_TARGET`` at recall@k."""
-    n, d = space.shape
+def _ivf(dim: int, n: int, seed: int) -> faiss.IndexIVFFlat:
+    """An untrained IndexIVFFlat (L2) for ``n`` rows: nlist ~ 4 sqrt(n), 10 seeded k-means iterations."""
     nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 8))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist, faiss.METRIC_L2)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist, faiss.METRIC_L2)
     index.cp.seed = seed % (1 << 31)
     index.cp.niter = 10
     index.cp.min_points_per_centroid = 1  # a small training sample is deliberate, not worth a warning
-    index.train(space[_sample(n, _TRAIN_PER_LIST * nlist, seed)])
-    index.add(space)
-    queries = space[_sample(n, _TUNE_QUERIES, seed + 1)]
-    truth = faiss.knn(queries, space, k)[1]
-    nprobe = min(4, nlist)
-    while True:
-        index.nprobe = nprobe
-        found = index.search(queries, k)[1]
-        recall = np.mean([len(np.intersect1d(t, f)) / k for t, f in zip(truth, found)])
-        if recall >= RECALL_TARGET or nprobe == nlist:
-            break
-        nprobe = min(2 * nprobe, nlist)
-    log.info("IVF over %d rows: nlist=%d, nprobe=%d, sample recall@%d=%.3f", n, nlist, nprobe, k, recall)
     return index
+
+
+def _tune_nprobe(index: faiss.Index, ivf: faiss.IndexIVFFlat, queries: np.ndarray, projection: _Projection | None,
+                 k: int) -> int:
+    """Smallest nprobe (x1.5 steps from 4) whose recall@k on ``queries`` reaches ``RECALL_TARGET``.
+
+    ``index`` is ``ivf``, or ``ivf`` behind ``projection``; the truth is exhaustive search of its lists.
+    """
+    truth = faiss.ResultHeap(len(queries), k)
+    projected = projection.apply(queries) if projection else queries
+    lists = list(_inverted_lists(ivf))
+    for s in range(0, len(lists), 64):
+        ids = np.concatenate([i for i, _ in lists[s:s + 64]])
+        dist, local = faiss.knn(projected, np.concatenate([v for _, v in lists[s:s + 64]]), min(k, len(ids)))
+        truth.add_result(dist, np.where(local >= 0, ids[np.maximum(local, 0)], -1))
+    truth.finalize()
+    nprobe = min(4, ivf.nlist)
+    while True:
+        ivf.nprobe = nprobe
+        found = index.search(queries, k)[1]
+        recall = np.mean([len(np.intersect1d(t, f)) / k for t, f in zip(truth.I, found)])
+        if recall >= RECALL_TARGET or nprobe == ivf.nlist:
+            break
+        nprobe = min(int(math.ceil(1.5 * nprobe)), ivf.nlist)
+    log.info("IVF over %d rows: nlist=%d, nprobe=%d, sample recall@%d=%.3f", ivf.ntotal, ivf.nlist, nprobe, k, recall)
+    return nprobe
+
+
+def _inverted_lists(ivf: faiss.IndexIVFFlat):
+    """Yield (ids, vectors) of each non-empty inverted list: views, no copies (IVFFlat codes are raw float32)."""
+    lists = ivf.invlists
+    for i in range(ivf.nlist):
+        size = lists.list_size(i)
+        if size:
+            ids = faiss.rev_swig_ptr(lists.get_ids(i), size)
+            codes = faiss.rev_swig_ptr(lists.get_codes(i), size * lists.code_size)
+            yield ids, codes.view(np.float32).reshape(size, ivf.d)
