@@ -7,16 +7,16 @@ Two searches over L2-normalised features, self excluded:
   (each class searched on its own rows).
 
 Up to ``exact_max`` rows the graph is exact (``faiss.knn``, inner product of
-float32 unit vectors). Above it the search is approximate: features wider than
-``PCA_DIM`` are projected by PCA (fitted on a seeded sample), searched in that
-space (an ``IndexIVFFlat`` with nlist ~ 4 sqrt(n), nprobe raised until recall
-against exact search on sample queries reaches ``RECALL_TARGET``; a class of at
-most ``exact_max`` rows is searched exhaustively), and the ``RERANK`` x (k + 1)
-candidates are re-scored by ``IndexRefine`` against float16 copies of the unit
-vectors, so the similarities are cosines of the full features. Features are
-converted block by block: besides the input matrix the approximate path holds
-the float16 unit vectors (1x an (M, D) float16 matrix), the (M, 256) projection
-and the IVF's copy of it -- never a float32 copy of the features.
+float32 unit vectors; 2x a float16 matrix of memory). Above it the search is
+approximate: features wider than ``PCA_DIM`` are projected by PCA (fitted on a
+seeded sample) and searched in that space -- by an ``IndexIVFFlat`` (nlist ~
+4 sqrt(n), nprobe raised until recall on sample queries against exhaustive
+search of the same lists reaches ``RECALL_TARGET``), or exhaustively for a
+class of at most ``exact_max`` rows -- and the ``RERANK`` x (k + 1) candidates
+are re-scored by ``IndexRefine`` against float16 unit vectors, so similarities
+are cosines of the full features. Features are converted block by block: the
+approximate path holds the float16 unit vectors (1x the float16 matrix) and the
+IVF's (n, 256) float32 vectors, never a float32 copy of the features.
 
 ``load_or_build`` caches the graph as ``<store stem>.knn-k<k>.npz`` beside the
 store; see its docstring for the key.
@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 EXACT_MAX = 20_000  # rows up to which the graph is exact (M^2 D flops: ~20 s at 20k x 2048 on 2 cores)
 PCA_DIM = 256  # dimensions the approximate search runs in
 PCA_TRAIN = 20_000  # rows the PCA is fitted on
-RERANK = int(os.environ.get("RR", "3"))  # candidates per wanted neighbour re-scored with exact cosine
-RECALL_TARGET = float(os.environ.get("RT", "0.95"))  # recall@k of the IVF against exhaustive search in the same space
+RERANK = 5  # candidates per wanted neighbour re-scored with exact cosine
+RECALL_TARGET = 0.98  # recall@k of the IVF against exhaustive search in the same space
 _TUNE_QUERIES = 500  # queries that measure that recall
 _TRAIN_PER_LIST = 32  # k-means training rows per inverted list
 _BLOCK = 8192  # rows per block when converting features to float32
@@ -101,6 +101,84 @@ def agreement(graph: KnnGraph, labels: np.ndarray) -> np.ndarray:
     valid = nb >= 0
     same = (labels[np.maximum(nb, 0)] == labels[:, None]) & valid
     return same.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+
+
+def load_or_build(store: FeatureStore, labels: np.ndarray, *, k: int, cache_dir: Path | None = None) -> KnnGraph:
+    """The graph of ``store``'s features with given ``labels``, from the cache when it is valid.
+
+    The cache, ``<cache_dir or the store's folder>/<store stem>.knn-k<k>.npz``, holds the
+    label-independent part (neighbours, similarity), keyed by the store's source and config
+    fingerprints, its usable rows, k and the search method; and ``same_label``, keyed by a hash of
+    ``labels`` as well. New labels (another noise seed) reuse the neighbours and redo only the
+    per-class searches. A missing, stale or unreadable cache is rebuilt, and written atomically; a
+    cache that cannot be written is logged, not fatal.
+    """
+    if store.features is None:
+        raise DataError(f"store {store.path} was opened without features; the kNN graph needs them")
+    labels = _check_inputs(store.features, labels, k)
+    path = Path(cache_dir if cache_dir is not None else store.path.parent) / f"{store.path.stem}.knn-k{k}.npz"
+    key = _cache_key(store, k)
+    labels_hash = hashlib.sha256(labels.tobytes()).hexdigest()
+    cached = _read_cache(path, key, len(labels), k)
+    if cached is not None and cached["labels_sha256"] == labels_hash:
+        log.info("kNN graph from %s", path)
+        return cached["graph"]
+    if cached is None:
+        graph = build_knn(store.features, labels, k=k)
+    else:
+        log.info("kNN neighbours from %s; same-label neighbours recomputed for new labels", path)
+        graph = cached["graph"]
+        graph.same_label = same_label_knn(store.features, labels, k=k)
+    _write_cache(path, key, labels_hash, graph)
+    return graph
+
+
+def _cache_key(store: FeatureStore, k: int) -> str:
+    return json.dumps({
+        "version": _CACHE_VERSION, "source_fingerprint": store.attrs["source_fingerprint"],
+        "config_fingerprint": store.attrs["config_fingerprint"], "num_rows": len(store.rows),
+        "rows_sha256": hashlib.sha256(np.asarray(store.rows, dtype=np.int64).tobytes()).hexdigest(), "k": k,
+        "method": {"exact_max": EXACT_MAX, "pca_dim": PCA_DIM, "rerank": RERANK, "recall": RECALL_TARGET, "seed": 0},
+    }, sort_keys=True)
+
+
+def _read_cache(path: Path, key: str, m: int, k: int) -> dict | None:
+    """The cached graph and its labels hash, or None (logged) when absent, stale or invalid."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["key"]) != key:
+                log.info("kNN cache %s is stale (store, k or method changed); rebuilding", path)
+                return None
+            graph = KnnGraph(data["neighbours"], data["similarity"], data["same_label"])
+            labels_hash = str(data["labels_sha256"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("kNN cache %s is unreadable (%s); rebuilding", path, exc)
+        return None
+    checks = [(graph.neighbours, np.int64), (graph.similarity, np.float32), (graph.same_label, np.int64)]
+    valid = all(a.shape == (m, k) and a.dtype == t for a, t in checks)
+    valid = valid and all(a.min(initial=0) >= -1 and a.max(initial=0) < m for a in (graph.neighbours, graph.same_label))
+    if not valid:
+        log.warning("kNN cache %s has arrays of the wrong shape, type or range; rebuilding", path)
+        return None
+    return {"graph": graph, "labels_sha256": labels_hash}
+
+
+def _write_cache(path: Path, key: str, labels_hash: str, graph: KnnGraph) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), labels_sha256=np.array(labels_hash), neighbours=graph.neighbours,
+                     similarity=graph.similarity, same_label=graph.same_label)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not write the kNN cache %s: %s", path, exc)
+        if tmp.is_file():
+            tmp.unlink()
 
 
 # --------------------------------------------------------------------------- searching
@@ -170,7 +248,10 @@ class _Searcher:
     def _approximate(self, rows: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
         """Search the (projected) rows, re-score RERANK x want candidates on the float16 unit vectors."""
         codes = self._code_view(self.codes.ntotal)
-        units = lambda positions: self.codes.sa_decode(codes[rows[positions]])  # noqa: E731
+
+        def units(positions: np.ndarray) -> np.ndarray:  # float32 unit vectors of rows[positions]
+            return self.codes.sa_decode(codes[rows[positions]])
+
         n = len(rows)
         dim = self.projection.dim if self.projection else self.codes.d
         base = faiss.IndexFlatL2(dim) if n <= self.exact_max else _ivf(dim, n, self.seed)

@@ -131,7 +131,7 @@ def _new_head(cfg: Config, prep: Prepared) -> Head:
 def _prepare_out(out: Path, config_text: str, *, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a run folder")
-    present = [f for f in _RUN_FILES if (out / f).exists()]
+    present = [f for f in _RUN_FILES if (out / f).exists() and f != "config.toml"]
     if resume:
         if not (out / "checkpoint.pt").exists():
             raise DataError(f"--resume: {out} has no checkpoint.pt to resume from")
@@ -144,8 +144,8 @@ def _prepare_out(out: Path, config_text: str, *, resume: bool, overwrite: bool) 
         raise DataError(f"{out} already holds a run ({', '.join(present)}); --resume to continue it or "
                         "--overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
-    for name in present:
-        (out / name).unlink()
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
     (out / "config.toml").write_text(config_text, encoding="utf-8")
 
 
@@ -167,7 +167,6 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
     out = Path(out)
     store = prep.train
     config_text = to_toml(cfg, ("data", "extract", "store", *RUN_SECTIONS))
-    _prepare_out(out, config_text, resume=resume, overwrite=overwrite)
     start = time.perf_counter()
     given, clean = _noisy_labels(cfg, prep)
     graph = _graph(cfg, prep, given)
@@ -179,6 +178,7 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
         log.warning("%d classes have fewer than N = %d images and are drawn with replacement: %s",
                     len(sampler.small_classes), n, names)
     head = _new_head(cfg, prep)
+    _prepare_out(out, config_text, resume=resume, overwrite=overwrite)  # inputs are valid: now touch --out
     t = cfg.train
     optimizer = torch.optim.SGD(head.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)

@@ -4,15 +4,15 @@ Classes: an epoch's subset classes are concatenated random permutations of the
 classes present, cut into batches of K, so every class gets the same number of
 subsets (+-1) and with K > C a batch repeats classes.
 
-Images (``mining="random"``, the paper): each class has an endless *stream*,
-concatenated random permutations of its images. A permutation is cut into
-chunks of N; its last n mod N images are left out of that pass, so a subset
-never holds an image twice. Epoch e takes the next chunks of the stream, after
-those epochs 0..e-1 took, so every image is drawn about equally often within an
-epoch and across epochs (a large class of an imbalanced set is covered over a
-few epochs before any image repeats). Classes smaller than N (``small_classes``)
-have no pass to drop from: their subsets take N consecutive stream images, so
-each image appears N // n or N // n + 1 times (with replacement).
+Images (``mining="random"``, the paper): each class has an endless *stream* of
+passes over its images in random order, cut into chunks of N. A pass leaves out
+n mod N images (cyclically, so each image equally often), so a subset never
+holds an image twice. Epoch e takes the chunks after those epochs 0..e-1 took,
+so every image is drawn about equally often within an epoch and across epochs
+(a large class of an imbalanced set is covered over a few epochs before any
+image repeats). A class smaller than N (``small_classes``) is drawn with
+replacement: each subset holds all its n images N // n times, and N mod n more
+from its stream.
 
 ``mining="knn"``: the stream draws one anchor per subset; its N - 1 nearest
 same-label neighbours (``neighbours``, e.g. ``KnnGraph.same_label``) complete it,
@@ -36,11 +36,11 @@ import numpy as np
 from mcpipe.errors import ConfigError
 
 MINING = ("random", "knn", "agreement")
-AGREEMENT_FLOOR = 0.05  # added to agreement scores so no image is never drawn
+AGREEMENT_FLOOR = 0.05  # added to agreement scores: low-agreement images are down-weighted, never excluded
 _BLOCK = 4096  # images per random generator in a class stream (small classes pack several passes)
 _REDRAWS = 8  # rounds of redrawing subsets that hold an image twice
 # generator tags: one independent random stream per purpose
-_SEQUENCE, _TAIL, _POOL, _ORDER, _FILL, _WEIGHTED = range(6)
+_SEQUENCE, _TAIL, _POOL, _LEFT_OUT, _ORDER, _FILL, _WEIGHTED = range(7)
 
 
 class SubsetSampler:
@@ -77,7 +77,6 @@ class SubsetSampler:
         self.small_classes = [int(c) for c in self.classes[self.counts < subset_size]]
         self._members = np.argsort(self.labels, kind="stable")  # rows grouped by class
         self._starts = np.concatenate([[0], np.cumsum(self.counts)])
-        self._class_pos = np.searchsorted(self.classes, self.labels)  # class position of each row
         self.neighbours = self._check_neighbours(neighbours) if mining == "knn" else None
         self.agreement = self._check_agreement(agreement) if mining == "agreement" else None
 
@@ -99,10 +98,10 @@ class SubsetSampler:
         if self.mining == "agreement":
             subsets = self._weighted(seq, counts, epoch)
         elif self.mining == "knn":
-            anchors = self._from_streams(seq, counts, self._stream_offsets(epoch), epoch, width=1)[:, 0]
+            anchors = self._from_streams(seq, counts, self._stream_offsets(epoch), width=1)[:, 0]
             subsets = self._with_neighbours(anchors, seq, epoch)
         else:
-            subsets = self._from_streams(seq, counts, self._stream_offsets(epoch), epoch, width=self.subset_size)
+            subsets = self._from_streams(seq, counts, self._stream_offsets(epoch), width=self.subset_size)
         rng = self._rng(_ORDER, epoch)
         order = rng.random(subsets.shape).argsort(axis=1)
         return np.take_along_axis(subsets, order, axis=1)
@@ -144,26 +143,49 @@ class SubsetSampler:
 
     # ------------------------------------------------------------------ random (streams)
 
-    def _from_streams(self, seq: np.ndarray, counts: np.ndarray, offsets: np.ndarray, epoch: int, *,
-                      width: int) -> np.ndarray:
+    def _from_streams(self, seq: np.ndarray, counts: np.ndarray, offsets: np.ndarray, *, width: int) -> np.ndarray:
+        """(S, width) subsets: the next ``counts[c]`` chunks of each class stream, placed in ``seq`` order."""
         per_class = []
-        for c, (n, start) in enumerate(zip(self.counts, self._starts[:-1])):
-            local = self._stream(c, int(n), int(offsets[c]) * width, int(counts[c]) * width, width)
-            per_class.append(self._members[start + local].reshape(-1, width))
+        for c, (n, start) in enumerate(zip(self.counts.tolist(), self._starts[:-1].tolist())):
+            size, offset = int(counts[c]), int(offsets[c])
+            if n >= width:
+                local = self._stream(c, n, offset * width, size * width, width).reshape(size, width)
+            else:  # a small class: all its images, N // n times each, + N mod n from its stream
+                copies, rest = divmod(width, n)
+                local = np.tile(np.arange(n), (size, copies))
+                if rest:
+                    extra = self._stream(c, n, offset * rest, size * rest, rest).reshape(size, rest)
+                    local = np.hstack([local, extra])
+            per_class.append(self._members[start + local])
         return self._place(seq, per_class)
 
     def _stream(self, c: int, n: int, start: int, length: int, width: int) -> np.ndarray:
-        """Elements [start, start + length) of class position c's stream of local indices in [0, n)."""
+        """Elements [start, start + length) of class position c's stream of local indices in [0, n).
+
+        The stream is passes over the n images in random order. A pass leaves out r = n mod width
+        images so that chunks of ``width`` never straddle two passes; pass p leaves out
+        ``order[p r : p r + r]`` (cyclically, ``order`` a fixed random permutation), so every image is
+        left out equally often. Passes are generated in blocks of ~_BLOCK images, one seeded
+        generator per (class, block), so any window is computed without the ones before it.
+        """
         if length == 0:
             return np.empty(0, dtype=np.int64)
-        per_pass = n - n % width if n >= width else n  # a pass drops n mod N images, unless the class is small
+        rest = n % width
+        per_pass = n - rest
         passes_per_block = max(1, _BLOCK // n)
         block_len = passes_per_block * per_pass
         first, last = start // block_len, (start + length - 1) // block_len
-        blocks = [
-            self._rng(_POOL, c, b).permuted(np.tile(np.arange(n), (passes_per_block, 1)), axis=1)[:, :per_pass]
-            for b in range(first, last + 1)
-        ]
+        order = self._rng(_LEFT_OUT, c).permutation(n) if rest else None
+        blocks = []
+        for b in range(first, last + 1):
+            rng = self._rng(_POOL, c, b)
+            if not rest:
+                blocks.append(rng.permuted(np.tile(np.arange(n), (passes_per_block, 1)), axis=1))
+                continue
+            keys = rng.random((passes_per_block, n))
+            passes = b * passes_per_block + np.arange(passes_per_block)
+            np.put_along_axis(keys, order[(passes[:, None] * rest + np.arange(rest)) % n], 2.0, axis=1)
+            blocks.append(np.argsort(keys, axis=1)[:, :per_pass])  # left-out images sort last
         stream = np.concatenate(blocks, axis=None)
         begin = start - first * block_len
         return stream[begin:begin + length]
