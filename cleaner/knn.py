@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 EXACT_MAX = 20_000  # rows up to which the graph is exact (M^2 D flops: ~20 s at 20k x 2048 on 2 cores)
 PCA_DIM = 256  # dimensions the approximate search runs in
 PCA_TRAIN = 20_000  # rows the PCA is fitted on
+PCA_WARN = 0.6  # share of variance kept below which the approximate graph is logged as unreliable
 RERANK = 5  # candidates per wanted neighbour re-scored with exact cosine
 RECALL_TARGET = 0.98  # recall@k of the IVF against exhaustive search in the same space
 _TUNE_QUERIES = 500  # queries that measure that recall
@@ -227,6 +228,9 @@ class _Searcher:
             view[s:s + _BLOCK] = self.codes.sa_encode(_unit(features[s:s + _BLOCK]))
         self.codes.ntotal = len(features)
 
+    def _to_space(self, units: np.ndarray) -> np.ndarray:
+        return self.projection.apply(units) if self.projection else units
+
     def _code_view(self, n: int) -> np.ndarray:
         """(n, code_size) uint8 view of the float16 unit vectors held by ``self.codes`` (no copy)."""
         size = self.codes.code_size
@@ -255,15 +259,17 @@ class _Searcher:
         n = len(rows)
         dim = self.projection.dim if self.projection else self.codes.d
         base = faiss.IndexFlatL2(dim) if n <= self.exact_max else _ivf(dim, n, self.seed)
+        if not base.is_trained:  # on the sample, projected block by block
+            sample = _sample(n, _TRAIN_PER_LIST * base.nlist, self.seed)
+            base.train(np.concatenate([self._to_space(units(sample[s:s + _BLOCK]))
+                                       for s in range(0, len(sample), _BLOCK)]))
         index = faiss.IndexPreTransform(self.projection.transform(), base) if self.projection else base
-        if not base.is_trained:
-            index.train(units(_sample(n, _TRAIN_PER_LIST * base.nlist, self.seed)))
         for s in range(0, n, _BLOCK):
             index.add(units(np.arange(s, min(s + _BLOCK, n))))
         order = np.arange(n)
         if isinstance(base, faiss.IndexIVFFlat):
             queries = units(_sample(n, _TUNE_QUERIES, self.seed + 1))
-            base.nprobe = _tune_nprobe(index, base, queries, self.projection, want)
+            base.nprobe = _tune_nprobe(index, base, queries, self._to_space(queries), want)
             order = np.concatenate([ids for ids, _ in _inverted_lists(base)])  # neighbours probe the same lists
         if n == self.codes.ntotal:
             refine = self.codes
@@ -289,11 +295,16 @@ class _Projection:
 
     @classmethod
     def fit(cls, sample: np.ndarray) -> _Projection:
+        """Fit on ``sample`` (n, D) float32 unit vectors, which it centres in place."""
         mean = sample.mean(axis=0)
-        centred = sample - mean
-        cov = centred.T @ centred
+        sample -= mean
+        cov = sample.T @ sample
         with threadpool_limits(1, user_api="blas"):  # LAPACK crawls when its threads fight FAISS's OpenMP ones
-            _, vecs = np.linalg.eigh(cov)
+            values, vecs = np.linalg.eigh(cov)
+        kept = values[::-1][:PCA_DIM].sum() / max(values.sum(), 1e-12)
+        (log.warning if kept < PCA_WARN else log.info)(
+            "PCA to %d dims keeps %.0f%% of the feature variance%s", PCA_DIM, 100 * kept,
+            "; approximate neighbours will be poor (features close to isotropic noise?)" if kept < PCA_WARN else "")
         return cls(mean, np.ascontiguousarray(vecs[:, ::-1][:, :PCA_DIM]))
 
     @property
@@ -355,14 +366,14 @@ def _ivf(dim: int, n: int, seed: int) -> faiss.IndexIVFFlat:
     return index
 
 
-def _tune_nprobe(index: faiss.Index, ivf: faiss.IndexIVFFlat, queries: np.ndarray, projection: _Projection | None,
+def _tune_nprobe(index: faiss.Index, ivf: faiss.IndexIVFFlat, queries: np.ndarray, projected: np.ndarray,
                  k: int) -> int:
     """Smallest nprobe (x1.5 steps from 4) whose recall@k on ``queries`` reaches ``RECALL_TARGET``.
 
-    ``index`` is ``ivf``, or ``ivf`` behind ``projection``; the truth is exhaustive search of its lists.
+    ``index`` is ``ivf``, or ``ivf`` behind the projection (``projected`` = the queries it sees);
+    the truth is exhaustive search of its lists.
     """
     truth = faiss.ResultHeap(len(queries), k)
-    projected = projection.apply(queries) if projection else queries
     lists = list(_inverted_lists(ivf))
     for s in range(0, len(lists), 64):
         ids = np.concatenate([i for i, _ in lists[s:s + 64]])
