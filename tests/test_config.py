@@ -82,10 +82,25 @@ def test_pipeline_toml_is_the_defaults_and_every_key_is_commented():
     assert load_config(path) == Config()
     text = path.read_text()
     for section in dataclasses.fields(Config):
+        if section.name == "sweep":  # free-form grid, documented by commented examples
+            assert "[sweep]" in text
+            continue
         for f in dataclasses.fields(getattr(Config(), section.name)):
             # the key's line must be preceded by a comment line
             m = re.search(rf"^((?:#.*\n)+){f.name} = ", text.split(f"[{section.name}]", 1)[1], re.M)
             assert m, f"{section.name}.{f.name} missing from pipeline.toml or not commented"
+
+
+def test_sweep_grid():
+    cfg = load_config(None, ["sweep.cleaner.subset_size=[1, 2]", 'sweep.noise.rate=[0.2, 0.4]'])
+    assert cfg.sweep.grid == (("cleaner.subset_size", (1, 2)), ("noise.rate", (0.2, 0.4)))
+    assert config_from_dict(tomllib.loads(to_toml(cfg))) == cfg
+    with pytest.raises(ConfigError, match=r"cleaner\.subset_size = 0 is invalid"):
+        load_config(None, ["sweep.cleaner.subset_size=[1, 0]"])
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_config(None, ["sweep.cleaner.subset_size=4"])
+    with pytest.raises(ConfigError, match="unknown key cleaner.nope"):
+        load_config(None, ["sweep.cleaner.nope=[1]"])
 
 
 def test_parse_override_values():
