@@ -37,6 +37,7 @@ def worker(store_dir: Path, steps: int) -> dict:
     from mcpipe.cleaner.train import train_one_epoch
     from mcpipe.config import load_config
 
+    base_rss = _rss_bytes()  # interpreter + torch + faiss, before any data
     cfg = load_config(None, ["train.device=cpu", "cleaner.subset_size=4", "train.batch_size=480",
                              "cleaner.hidden=384", "cleaner.weighting=fc_fc_relu_sig"])
     t = time.perf_counter()
@@ -69,7 +70,15 @@ def worker(store_dir: Path, steps: int) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"rows": len(labels), "load_s": load_s, "knn_s": knn_s, "epoch_s": stats["seconds"],
             "batches": len(sampler), "matmul_share": matmul_us / 1e6 / wall, "peak_bytes": peak,
-            "feature_bytes": prep.train.features.nbytes, "threads": torch.get_num_threads()}
+            "feature_bytes": prep.train.features.nbytes, "threads": torch.get_num_threads(), "base_bytes": base_rss}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def main() -> None:
@@ -104,6 +113,9 @@ def main() -> None:
     print(f"one epoch ({r['batches']} batches) {r['epoch_s']:7.1f} s   (target <= 60 s)")
     print(f"peak memory            {r['peak_bytes'] / gib:7.2f} GiB = {r['peak_bytes'] / r['feature_bytes']:.2f} x "
           f"the feature matrix ({r['feature_bytes'] / gib:.2f} GiB)   (target <= 2)")
+    above = r["peak_bytes"] - r["base_bytes"]
+    print(f"  of which libraries   {r['base_bytes'] / gib:7.2f} GiB (Python, torch, faiss before any data); "
+          f"data and work {above / gib:.2f} GiB = {above / r['feature_bytes']:.2f} x the feature matrix")
     print(f"matrix products        {r['matmul_share']:7.1%} of step time over {args.steps} profiled steps "
           f"(self CPU time of aten::mm/addmm/bmm / wall time)   (target >= 70 %)")
 
