@@ -34,7 +34,7 @@ def worker(store_dir: Path, steps: int) -> dict:
     from mcpipe.cleaner import knn
     from mcpipe.cleaner.run import _new_head, prepare
     from mcpipe.cleaner.sampler import SubsetSampler
-    from mcpipe.cleaner.train import train_one_epoch
+    from mcpipe.cleaner.train import make_optimizer, train_one_epoch
     from mcpipe.config import load_config
 
     base_rss = _rss_bytes()  # interpreter + torch + faiss, before any data
@@ -49,7 +49,7 @@ def worker(store_dir: Path, steps: int) -> dict:
     knn_s = time.perf_counter() - t
     sampler = SubsetSampler(labels, subset_size=4, batch_size=480, seed=0)
     head = _new_head(cfg, prep)
-    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9, weight_decay=0.001)
+    opt, _ = make_optimizer(head, cfg.train)
     y = torch.from_numpy(labels)
     stats = train_one_epoch(head, prep.train_x, y, sampler, 0, opt)
 

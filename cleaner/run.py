@@ -26,7 +26,7 @@ from mcpipe.cleaner.metrics import accuracy, detection
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.noise import noise_from_config
 from mcpipe.cleaner.sampler import SubsetSampler
-from mcpipe.cleaner.train import alpha_scores, predict, set_accuracy, train_one_epoch
+from mcpipe.cleaner.train import alpha_scores, make_optimizer, predict, set_accuracy, train_one_epoch
 from mcpipe.config import Config, to_toml
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.progress import progress_bar
@@ -180,8 +180,7 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
     head = _new_head(cfg, prep)
     _prepare_out(out, config_text, resume=resume, overwrite=overwrite)  # inputs are valid: now touch --out
     t = cfg.train
-    optimizer = torch.optim.SGD(head.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
+    optimizer, scheduler = make_optimizer(head, t)
     history: list[dict] = []
     first_epoch = 0
     if resume:

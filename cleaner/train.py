@@ -14,8 +14,15 @@ import torch
 
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.sampler import SubsetSampler
+from mcpipe.config import TrainConfig
 
 _EVAL_ROWS = 8192
+
+
+def make_optimizer(head: Head, t: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
+    """SGD with momentum and the paper's step schedule (one definition for train-head and its benchmark)."""
+    optimizer = torch.optim.SGD(head.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
 
 
 def train_one_epoch(head: Head, features: torch.Tensor, labels: torch.Tensor, sampler: SubsetSampler, epoch: int,
