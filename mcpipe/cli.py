@@ -32,6 +32,9 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (default: ./p
 SetOpt = typer.Option(None, "--set", "-s", metavar="SECTION.KEY=VALUE",
                       help="Override one config key; repeatable, e.g. --set data.limit=1000.")
 LogOpt = typer.Option("info", "--log-level", help="debug, info, warning or error.")
+FeaturesOpt = typer.Option(None, "--features", "-f", help="Folder with train.h5 (and test.h5); default: [store] dir.")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
 
 
 def _setup_logging(level: str) -> None:
@@ -51,6 +54,11 @@ def _config(path: Optional[Path], sets: Optional[list[str]]) -> Config:
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
     return load_config(path, sets or [])
+
+
+def _train_config(path: Optional[Path], sets: Optional[list[str]], device: Optional[str]) -> Config:
+    cfg = _config(path, sets)
+    return replace(cfg, "train", device=device) if device is not None else cfg
 
 
 def guarded(fn: Callable) -> Callable:
@@ -78,8 +86,8 @@ def extract(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store folder (default: [store] dir): <out>/<split>.h5."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace stores instead of resuming or refusing them."),
     strict: Optional[bool] = typer.Option(None, "--strict/--skip-bad", help="Stop at an unreadable image / skip and record it."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    device: Optional[str] = DeviceOpt,
+    progress: bool = ProgressOpt,
     log_level: str = LogOpt,
 ) -> None:
     """Cache backbone features of every split in HDF5 stores (resumable; torchrun for several devices)."""
@@ -100,20 +108,17 @@ def extract(
 def train_head(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
-    features: Optional[Path] = typer.Option(None, "--features", "-f",
-                                            help="Folder with train.h5 (and test.h5); default: [store] dir."),
+    features: Optional[Path] = FeaturesOpt,
     out: Path = typer.Option(Path("runs/head"), "--out", "-o", help="Run folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    device: Optional[str] = DeviceOpt,
+    progress: bool = ProgressOpt,
     log_level: str = LogOpt,
 ) -> None:
     """Train MetaCleaner + softmax on cached features (seconds to minutes)."""
     _setup_logging(log_level)
-    cfg = _config(config, set_)
-    if device is not None:
-        cfg = replace(cfg, "train", device=device)
+    cfg = _train_config(config, set_, device)
     from mcpipe.cleaner.run import run
 
     m = run(cfg, features=features or Path(cfg.store.dir), out=out, resume=resume, overwrite=overwrite,
@@ -126,18 +131,15 @@ def train_head(
 def sweep(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
-    features: Optional[Path] = typer.Option(None, "--features", "-f",
-                                            help="Folder with train.h5 (and test.h5); default: [store] dir."),
+    features: Optional[Path] = FeaturesOpt,
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Sweep folder: one run per point + results."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    device: Optional[str] = DeviceOpt,
+    progress: bool = ProgressOpt,
     log_level: str = LogOpt,
 ) -> None:
     """Train every combination of the [sweep] grid on features loaded once; results.csv/.md, best first."""
     _setup_logging(log_level)
-    cfg = _config(config, set_)
-    if device is not None:
-        cfg = replace(cfg, "train", device=device)
+    cfg = _train_config(config, set_, device)
     from mcpipe.cleaner.sweep import format_table, run
 
     rows = run(cfg, features=features or Path(cfg.store.dir), out=out, progress=progress and sys.stderr.isatty())
