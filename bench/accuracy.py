@@ -8,7 +8,8 @@ paper's noise), in one run: mcpipe's N = 1 baseline, MetaCleaner with
 N in {2, 4, 6}, scikit-learn LogisticRegression, and cleanlab's
 CleanLearning around it. Then, at 40 % flips, the ablations: the seven
 weighting variants and hallucinate vs loss reweighting, with test accuracy
-and the detection AUROC of each clean score. Prints markdown tables.
+and the detection AUROC of each clean score, and the three subset-mining
+modes. Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def main() -> None:
         au = lambda k: f"{d[k]['auroc']:.3f}" if k in d else "-"  # noqa: E731
         print(f"| {weighting} | {combine} | {m['test_accuracy']:.4f} | {au('alpha')} | {au('classifier')} | "
               f"{au('knn')} |", flush=True)
+
+    print(f"\nSubset mining at {r:.0%} flips, N = 4, fc_fc_relu_sig\n\n| mining | test accuracy |\n|---|---|")
+    for mining in ("random", "knn", "agreement"):
+        m = head({"noise.rate": r, "cleaner.subset_size": 4, "cleaner.mining": mining})
+        print(f"| {mining} | {m['test_accuracy']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
