@@ -13,10 +13,10 @@ seeded sample) and searched in that space -- by an ``IndexIVFFlat`` (nlist ~
 4 sqrt(n), nprobe raised until recall on sample queries against exhaustive
 search of the same lists reaches ``RECALL_TARGET``), or exhaustively for a
 class of at most ``exact_max`` rows -- and the ``RERANK`` x (k + 1) candidates
-are re-scored by exact cosine on the features themselves (blockwise, with a
-(M,) float32 vector of 1 / row norms). Features are converted block by block: the
-approximate path holds no copy of them, only the norms and the IVF's (n, 256)
-float32 vectors (1x the float16 matrix at D = 256, 1/4 of it at D = 2048).
+are re-scored by ``IndexRefine`` against float16 unit vectors, so similarities
+are cosines of the full features. Features are converted block by block: the
+approximate path holds the float16 unit vectors (1x the float16 matrix) and the
+IVF's (n, 256) float32 vectors, never a float32 copy of the features.
 
 ``load_or_build`` caches the graph as ``<store stem>.knn-k<k>.npz`` beside the
 store; see its docstring for the key.
@@ -52,7 +52,6 @@ RECALL_TARGET = 0.98  # recall@k of the IVF against exhaustive search in the sam
 _TUNE_QUERIES = 500  # queries that measure that recall
 _TRAIN_PER_LIST = 32  # k-means training rows per inverted list
 _BLOCK = 8192  # rows per block when converting features to float32
-_RESCORE_FLOATS = 1 << 22  # float32 values of decoded candidates per re-scoring step (16 MiB)
 _CACHE_VERSION = 1
 
 
@@ -220,15 +219,22 @@ class _Searcher:
         self.projection = None
         if features.shape[1] > PCA_DIM:
             self.projection = _Projection.fit(_unit(features[_sample(len(features), PCA_TRAIN, seed)]))
-        # candidates are re-scored on the features themselves: only 1 / |x| is held, (M,) float32
-        self.features = features
-        self.inv_norm = np.empty(len(features), dtype=np.float32)
+        # float16 unit vectors: decoded as queries, and what candidates are re-scored against
+        self.codes = faiss.IndexScalarQuantizer(features.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+        # sized once and filled in place: add() in blocks would grow the vector by doubling (2x peak memory)
+        self.codes.codes.resize(len(features) * self.codes.code_size)
+        view = self._code_view(len(features))
         for s in range(0, len(features), _BLOCK):
-            norm = np.linalg.norm(_decode(features[s:s + _BLOCK]), axis=1)
-            self.inv_norm[s:s + _BLOCK] = np.where(norm > 0, 1 / np.maximum(norm, 1e-30), 0)
+            view[s:s + _BLOCK] = self.codes.sa_encode(_unit(features[s:s + _BLOCK]))
+        self.codes.ntotal = len(features)
 
     def _to_space(self, units: np.ndarray) -> np.ndarray:
         return self.projection.apply(units) if self.projection else units
+
+    def _code_view(self, n: int) -> np.ndarray:
+        """(n, code_size) uint8 view of the float16 unit vectors held by ``self.codes`` (no copy)."""
+        size = self.codes.code_size
+        return faiss.rev_swig_ptr(self.codes.codes.data(), n * size).reshape(n, size)
 
     def __call__(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(len(rows), k) global indices of each row's nearest neighbours among ``rows``, and their cosines."""
@@ -237,57 +243,47 @@ class _Searcher:
             unit = self.unit if len(rows) == len(self.unit) else self.unit[rows]
             sim, local = faiss.knn(unit, unit, want, metric=faiss.METRIC_INNER_PRODUCT)
         else:
-            sim, local = self._approximate(rows, want)
+            dist, local = self._approximate(rows, want)
+            sim = 1.0 - dist / 2  # squared L2 between unit vectors = 2 - 2 cos
         sim, local = _drop_self(sim, local, k)
         idx = np.where(local >= 0, rows[np.maximum(local, 0)], -1)
         return idx, np.where(idx >= 0, sim, np.nan).astype(np.float32)
 
-    def _units(self, global_rows: np.ndarray) -> np.ndarray:
-        """float32 unit vectors of some rows (a block: never all of them at once)."""
-        x = _decode(self.features[global_rows])
-        x *= self.inv_norm[global_rows, None]
-        return x
-
     def _approximate(self, rows: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
-        """Search the (projected) rows, re-score RERANK x want candidates by exact cosine; (cosines, local ids)."""
+        """Search the (projected) rows, re-score RERANK x want candidates on the float16 unit vectors."""
+        codes = self._code_view(self.codes.ntotal)
+
+        def units(positions: np.ndarray) -> np.ndarray:  # float32 unit vectors of rows[positions]
+            return self.codes.sa_decode(codes[rows[positions]])
+
         n = len(rows)
-        dim = self.projection.dim if self.projection else self.features.shape[1]
+        dim = self.projection.dim if self.projection else self.codes.d
         base = faiss.IndexFlatL2(dim) if n <= self.exact_max else _ivf(dim, n, self.seed)
         if not base.is_trained:  # on the sample, projected block by block
             sample = _sample(n, _TRAIN_PER_LIST * base.nlist, self.seed)
-            base.train(np.concatenate([self._to_space(self._units(rows[sample[s:s + _BLOCK]]))
+            base.train(np.concatenate([self._to_space(units(sample[s:s + _BLOCK]))
                                        for s in range(0, len(sample), _BLOCK)]))
         index = faiss.IndexPreTransform(self.projection.transform(), base) if self.projection else base
         for s in range(0, n, _BLOCK):
-            index.add(self._units(rows[s:s + _BLOCK]))
+            index.add(units(np.arange(s, min(s + _BLOCK, n))))
         order = np.arange(n)
         if isinstance(base, faiss.IndexIVFFlat):
-            queries = self._units(rows[_sample(n, _TUNE_QUERIES, self.seed + 1)])
+            queries = units(_sample(n, _TUNE_QUERIES, self.seed + 1))
             base.nprobe = _tune_nprobe(index, base, queries, self._to_space(queries), want)
             order = np.concatenate([ids for ids, _ in _inverted_lists(base)])  # neighbours probe the same lists
-        sim = np.empty((n, want), dtype=np.float32)
+        if n == self.codes.ntotal:
+            refine = self.codes
+        else:
+            refine = faiss.IndexScalarQuantizer(self.codes.d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+            refine.add_sa_codes(codes[rows])
+        index = faiss.IndexRefine(index, refine)
+        index.k_factor = RERANK
+        dist = np.empty((n, want), dtype=np.float32)
         local = np.empty((n, want), dtype=np.int64)
         for s in range(0, n, _BLOCK):
             positions = order[s:s + _BLOCK]
-            queries = self._units(rows[positions])
-            candidates = index.search(queries, RERANK * want)[1]
-            sim[positions], local[positions] = self._rescore(rows, queries, candidates, want)
-        return sim, local
-
-    def _rescore(self, rows: np.ndarray, queries: np.ndarray, candidates: np.ndarray,
-                 want: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``want`` best of each query's candidates (local ids, -1 pad) by cosine on the features."""
-        (n, width), dim = candidates.shape, queries.shape[1]
-        step = max(1, _RESCORE_FLOATS // (width * dim))  # bounds the decoded candidates
-        buffer = np.empty((min(step, n) * width, dim), dtype=np.float32)  # reused: fresh pages are slow
-        cosine = np.empty((n, width), dtype=np.float32)
-        for s in range(0, n, step):
-            found = rows[np.maximum(candidates[s:s + step], 0)]
-            vectors = _decode(self.features[found.ravel()], buffer[:found.size]).reshape(*found.shape, dim)
-            cosine[s:s + step] = (vectors @ queries[s:s + step, :, None])[..., 0] * self.inv_norm[found]
-        cosine[candidates < 0] = -np.inf
-        best = np.argsort(-cosine, axis=1, kind="stable")[:, :want]
-        return np.take_along_axis(cosine, best, axis=1), np.take_along_axis(candidates, best, axis=1)
+            dist[positions], local[positions] = index.search(units(positions), want)
+        return dist, local
 
 
 @dataclass
@@ -327,21 +323,16 @@ class _Projection:
         return lt
 
 
-def _decode(block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 copy of a float16 | float32 block (into ``out`` if given); float16 by FAISS's SIMD fp16 codec,
-    about 3x faster than numpy's cast."""
-    out = np.empty(block.shape, dtype=np.float32) if out is None else out
+def _unit(block: np.ndarray) -> np.ndarray:
+    """float32 L2-normalised rows of a float16 | float32 block (an all-zero row stays zero).
+
+    float16 is decoded by FAISS's SIMD fp16 codec, about 3x faster than numpy's cast.
+    """
     if block.dtype == np.float16:
         decoder = faiss.IndexScalarQuantizer(block.shape[1], faiss.ScalarQuantizer.QT_fp16)
-        decoder.sa_decode(np.ascontiguousarray(block).view(np.uint8), out)
+        x = decoder.sa_decode(np.ascontiguousarray(block).view(np.uint8))
     else:
-        out[...] = block
-    return out
-
-
-def _unit(block: np.ndarray) -> np.ndarray:
-    """float32 L2-normalised rows of a float16 | float32 block (an all-zero row stays zero)."""
-    x = _decode(block)
+        x = np.array(block, dtype=np.float32)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     x /= np.where(norm > 0, norm, 1.0)
     return x
