@@ -48,7 +48,7 @@ demo: $(STAMP) fashion-mnist
 	$(BIN)/mcpipe inspect $(DEMO)/features/train.h5
 	$(BIN)/mcpipe inspect $(DEMO)/features/test.h5
 	@echo "== stage 2: 40% of the training labels flipped at random; softmax baseline (N = 1) vs MetaCleaner (N = 4)"
-	$(BIN)/mcpipe sweep --features $(DEMO)/features --out $(DEMO)/noise40 \
+	$(BIN)/mcpipe sweep --features $(DEMO)/features --out $(DEMO)/noise40 --log-level warning \
 	  --set noise.kind=symmetric --set noise.rate=0.4 --set 'sweep.cleaner.subset_size=[1, 4]'
 
 clean-demo:
