@@ -28,6 +28,7 @@ from mcpipe.cleaner.noise import noise_from_config
 from mcpipe.cleaner.sampler import SubsetSampler
 from mcpipe.cleaner.train import alpha_scores, make_optimizer, predict, set_accuracy, train_one_epoch
 from mcpipe.config import Config, to_toml
+from mcpipe.devices import resolve_device
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.progress import progress_bar
 from mcpipe.store.reader import FeatureStore, open_store
@@ -52,14 +53,6 @@ class Prepared:
     graphs: dict = field(default_factory=dict)  # (k, labels hash) -> KnnGraph
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but no CUDA device is available; use cpu or auto")
-    return torch.device(name)
-
-
 def _check_pair(train: FeatureStore, test: FeatureStore) -> None:
     for what, a, b in (("feature dimension", train.feature_dim, test.feature_dim),
                        ("classes", train.classes, test.classes),
@@ -81,7 +74,7 @@ def prepare(cfg: Config, features_dir: str | Path) -> Prepared:
         log.warning("no %s: test accuracy will not be measured", features_dir / "test.h5")
     else:
         _check_pair(train, test)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, key="train.device")
     to = lambda s: torch.from_numpy(s.features).to(device)  # noqa: E731
     return Prepared(features_dir, train, test, device, to(train), to(test) if test is not None else None)
 

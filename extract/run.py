@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 import mcpipe
 from mcpipe.config import Config, to_toml
-from mcpipe.errors import ConfigError, DataError
+from mcpipe.devices import resolve_device
+from mcpipe.errors import DataError
 from mcpipe.extract import distributed
 from mcpipe.extract.backbones import Backbone, build_backbone, optimize_for_inference
 from mcpipe.extract.data import BlockSampler, IndexImages
@@ -52,17 +53,6 @@ class SplitResult:
     @property
     def images_per_second(self) -> float:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
-
-
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"extract.device = {name!r} but no CUDA device is available; use cpu or auto")
-        if name == "cuda":
-            name = f"cuda:{info.local_rank}"
-    return torch.device(name)
 
 
 def default_workers(device: torch.device) -> int:
@@ -212,7 +202,7 @@ def run(cfg: Config, *, out: Path | None = None, overwrite: bool = False, progre
     """Extract every configured split of ``cfg.data`` into stores under ``out``."""
     out = Path(out if out is not None else cfg.store.dir)
     info = DistInfo.from_env()
-    device = resolve_device(cfg.extract.device, info)
+    device = resolve_device(cfg.extract.device, key="extract.device", local_rank=info.local_rank)
     distributed.init(info, device)
     try:
         splits = list(cfg.data.splits) or available_splits(cfg.data)
