@@ -32,7 +32,7 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (default: ./p
 SetOpt = typer.Option(None, "--set", "-s", metavar="SECTION.KEY=VALUE",
                       help="Override one config key; repeatable, e.g. --set data.limit=1000.")
 LogOpt = typer.Option("info", "--log-level", help="debug, info, warning or error.")
-FeaturesOpt = typer.Option(None, "--features", "-f", help="Folder with train.h5 (and test.h5); default: [store] dir.")
+FeaturesOpt = typer.Option(None, "--features", "-f", help="Folder with train.h5 (and test.h5); default: config key store.dir.")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
 
@@ -83,7 +83,7 @@ def guarded(fn: Callable) -> Callable:
 def extract(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store folder (default: [store] dir): <out>/<split>.h5."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store folder (default: config key store.dir): <out>/<split>.h5."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace stores instead of resuming or refusing them."),
     strict: Optional[bool] = typer.Option(None, "--strict/--skip-bad", help="Stop at an unreadable image / skip and record it."),
     device: Optional[str] = DeviceOpt,
@@ -137,7 +137,7 @@ def sweep(
     progress: bool = ProgressOpt,
     log_level: str = LogOpt,
 ) -> None:
-    """Train every combination of the [sweep] grid on features loaded once; results.csv/.md, best first."""
+    """Train every combination of the sweep grid (config table sweep) on features loaded once; results best first."""
     _setup_logging(log_level)
     cfg = _train_config(config, set_, device)
     from mcpipe.cleaner.sweep import format_table, run
