@@ -41,20 +41,18 @@ class IndexImages(Dataset):
 class BlockSampler(Sampler[list[int]]):
     """Yields the row numbers of each block to extract, in order: one block = one batch.
 
-    ``blocks`` are block numbers of ``block_rows`` rows; ``offset`` maps them to
-    rows of the dataset (a shard covers rows ``offset`` ... of its split).
+    ``blocks`` are block numbers of ``block_rows`` rows of a ``num_rows``-row store.
     """
 
-    def __init__(self, blocks: Sequence[int], *, block_rows: int, num_rows: int, offset: int = 0):
+    def __init__(self, blocks: Sequence[int], *, block_rows: int, num_rows: int):
         self.blocks = list(blocks)
         self.block_rows = block_rows
         self.num_rows = num_rows
-        self.offset = offset
 
     def rows(self, b: int) -> list[int]:
         start = b * self.block_rows
         stop = min(start + self.block_rows, self.num_rows)
-        return list(range(self.offset + start, self.offset + stop))
+        return list(range(start, stop))
 
     def __iter__(self) -> Iterator[list[int]]:
         for b in self.blocks:

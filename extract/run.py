@@ -123,12 +123,12 @@ class _Extractor:
         workers = cfg.extract.num_workers
         self.workers = default_workers(device) if workers < 0 else workers
 
-    def fill(self, writer: StoreWriter, index: SplitIndex, *, offset: int, label: str) -> tuple[int, dict, float]:
-        """Extract the pending blocks of ``writer`` (rows of ``index`` from ``offset``)."""
+    def fill(self, writer: StoreWriter, index: SplitIndex, *, label: str) -> tuple[int, dict, float]:
+        """Extract the pending blocks of ``writer``, whose rows are those of ``index``."""
         blocks = writer.pending_blocks()
         if not blocks:
             return 0, {}, 0.0
-        sampler = BlockSampler(blocks, block_rows=writer.block_rows, num_rows=writer.spec.num_rows, offset=offset)
+        sampler = BlockSampler(blocks, block_rows=writer.block_rows, num_rows=writer.spec.num_rows)
         dataset = IndexImages(index, eval_transform(self.pre), image_size=self.pre.image_size,
                               min_size=self.pre.resize)
         cuda = self.device.type == "cuda"
@@ -170,7 +170,7 @@ def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, inf
         with StoreWriter.open(path, spec, overwrite=overwrite, sync_seconds=ex.cfg.store.sync_seconds) as writer:
             if block_rows != ex.cfg.extract.batch_size:
                 log.info("resuming %s in its own blocks of %d rows", path, block_rows)
-            result.extracted, result.skipped, result.seconds = ex.fill(writer, index, offset=0, label=index.split)
+            result.extracted, result.skipped, result.seconds = ex.fill(writer, index, label=index.split)
         result.complete = bool(_already_complete(path, spec))
         return result
 
@@ -183,7 +183,7 @@ def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, inf
     with StoreWriter.open(shard, spec_for(shard_index, block_rows), overwrite=overwrite,
                           sync_seconds=ex.cfg.store.sync_seconds) as writer:
         result.extracted, result.skipped, result.seconds = ex.fill(
-            writer, shard_index, offset=0, label=f"{index.split} [rank {info.rank}]")
+            writer, shard_index, label=f"{index.split} [rank {info.rank}]")
     distributed.barrier(info)
     if info.is_main:
         shards = [(distributed.shard_path(out, index.split, DistInfo(r, info.world_size)), ranges[r][0])

@@ -8,7 +8,6 @@ type-checked against the field annotations, ranges in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -382,7 +381,3 @@ def to_toml(cfg: Config, sections: tuple[str, ...] | None = None) -> str:
                 lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
-
-
-def config_hash(cfg: Config, sections: tuple[str, ...] | None = None) -> str:
-    return hashlib.sha256(to_toml(cfg, sections).encode()).hexdigest()[:16]

@@ -181,9 +181,6 @@ class StoreWriter:
         written = self._written[:]
         return [b for b in range(self.num_blocks) if not written[slice(*self.block_range(b))].all()]
 
-    def rows_written(self) -> int:
-        return int(self._written[:].sum())
-
     def write_block(self, b: int, features: np.ndarray, skipped: np.ndarray) -> None:
         """Write block ``b``: ``features`` (rows, D), ``skipped`` (rows,) uint8 reason codes."""
         start, stop = self.block_range(b)
