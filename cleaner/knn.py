@@ -2,21 +2,25 @@
 
 Two searches over L2-normalised features, self excluded:
 
-* ``neighbours`` / ``similarity``: the k nearest rows of *any* label;
-* ``same_label``: the k_same nearest rows among those with the same given label
-  (each class searched on its own rows).
+* ``neighbours`` / ``similarity`` (``neighbours``): the k nearest rows of *any* label;
+* ``same_label`` (``same_label_knn``): the k_same nearest rows among those with the same
+  given label (each class searched on its own rows).
 
 Up to ``exact_max`` rows the graph is exact (``faiss.knn``, inner product of
-float32 unit vectors; 2x a float16 matrix of memory). Above it the search is
-approximate: features wider than ``PCA_DIM`` are projected by PCA (fitted on a
-seeded sample) and searched in that space -- by an ``IndexIVFFlat`` (nlist ~
-4 sqrt(n), nprobe raised until recall on sample queries against exhaustive
-search of the same lists reaches ``RECALL_TARGET``), or exhaustively for a
-class of at most ``exact_max`` rows -- and the ``RERANK`` x (k + 1) candidates
-are re-scored by ``IndexRefine`` against float16 unit vectors, so similarities
-are cosines of the full features. Features are converted block by block: the
-approximate path holds the float16 unit vectors (1x the float16 matrix) and the
-IVF's (n, 256) float32 vectors, never a float32 copy of the features.
+float32 unit vectors). Above it the search is approximate: features wider than
+``PCA_DIM`` are projected by PCA (fitted on a seeded sample) and searched in that
+space -- by an IVF index (float16 vectors, nlist ~ 4 sqrt(n), nprobe raised until recall on
+sample queries against exhaustive search of the same lists reaches
+``RECALL_TARGET``), or exhaustively for a class of at most ``exact_max`` rows --
+and the ``RERANK`` x (k + 1) candidates are re-scored by ``IndexRefine`` against
+float16 unit vectors, so similarities are cosines of the full features.
+
+Memory: the global search reads its input a block at a time, so it runs on a
+``FeatureRows`` (the store's file) as well as on an array; it holds the float16
+unit vectors (1x a float16 feature matrix) and the IVF's (M, 256) float16
+vectors. ``mcpipe train-head`` runs it on the file *before* loading the features,
+so the two never sit in memory together; the per-class searches then need
+only one class's vectors beside the loaded features.
 
 ``load_or_build`` caches the graph as ``<store stem>.knn-k<k>.npz`` beside the
 store; see its docstring for the key.
@@ -25,6 +29,7 @@ store; see its docstring for the key.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -33,13 +38,13 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from mcpipe.errors import DataError
-from mcpipe.store.reader import FeatureStore
+from mcpipe.store.reader import FeatureRows, FeatureStore, read_features
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +75,7 @@ class KnnGraph:
     same_label: np.ndarray
 
 
-def build_knn(features: np.ndarray, labels: np.ndarray, *, k: int = 10, k_same: int | None = None,
+def build_knn(features: np.ndarray | FeatureRows, labels: np.ndarray, *, k: int = 10, k_same: int | None = None,
               exact_max: int = EXACT_MAX, seed: int = 0) -> KnnGraph:
     """The kNN graph of ``features`` (M, D) float16 | float32 with given ``labels`` (M,); see the module docstring."""
     labels = _check_inputs(features, labels, k)
@@ -78,19 +83,67 @@ def build_knn(features: np.ndarray, labels: np.ndarray, *, k: int = 10, k_same: 
     if k_same < 1:
         raise ValueError(f"k_same must be >= 1, got {k_same}")
     start = time.perf_counter()
-    search = _Searcher(features, exact_max=exact_max, seed=seed)
-    neighbours, similarity = search(np.arange(len(labels)), k)
-    same = _same_label(search, labels, k_same)
+    nb, sim = neighbours(features, k=k, exact_max=exact_max, seed=seed)
+    same = same_label_knn(features, labels, k=k_same, exact_max=exact_max, seed=seed)
     log.info("kNN graph of %d rows (k=%d, %s) in %.1f s", len(labels), k,
-             "exact" if search.exact else "approximate", time.perf_counter() - start)
-    return KnnGraph(neighbours=neighbours, similarity=similarity, same_label=same)
+             "exact" if len(labels) <= exact_max else "approximate", time.perf_counter() - start)
+    return KnnGraph(neighbours=nb, similarity=sim, same_label=same)
+
+
+def neighbours(features: np.ndarray | FeatureRows, *, k: int = 10, exact_max: int = EXACT_MAX,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``KnnGraph.neighbours`` and ``.similarity``: the k nearest rows of any label.
+
+    ``features`` is read in row slices only, so a ``FeatureRows`` (the store's file) works
+    as well as an (M, D) array and is never loaded whole.
+    """
+    _check_features(features)
+    _check_k(k)
+    m = features.shape[0]
+    want = min(k + 1, m)
+    if m <= exact_max:
+        unit = np.empty(features.shape, dtype=np.float32)
+        for s in range(0, m, _BLOCK):
+            unit[s:s + _BLOCK] = _unit(features[s:s + _BLOCK])
+        sim, local = faiss.knn(unit, unit, want, metric=faiss.METRIC_INNER_PRODUCT)
+    else:
+        codes, projection = _encode(features, seed)
+        dist, local = _approximate(codes, projection, want, exact_max=exact_max, seed=seed)
+        sim = 1.0 - dist / 2  # squared L2 between unit vectors = 2 - 2 cos
+    return _finish(sim, local, np.arange(m), k)
 
 
 def same_label_knn(features: np.ndarray, labels: np.ndarray, *, k: int = 10, exact_max: int = EXACT_MAX,
                    seed: int = 0) -> np.ndarray:
-    """Only ``KnnGraph.same_label`` of ``build_knn``: (M, k) int64, -1 pad."""
+    """``KnnGraph.same_label``: (M, k) int64 nearest rows with the same label, -1 pad.
+
+    Each class is searched on its own rows, gathered from ``features`` (an array, or a
+    ``FeatureRows``, which is then loaded whole). Exact when the store has at most
+    ``exact_max`` rows; otherwise in the PCA space of the whole store (fitted on the same
+    seeded sample as ``neighbours``) with re-scoring on the class's float16 unit vectors.
+    """
     labels = _check_inputs(features, labels, k)
-    return _same_label(_Searcher(features, exact_max=exact_max, seed=seed), labels, k)
+    if not isinstance(features, np.ndarray):
+        features = read_features(features)
+    m, d = features.shape
+    exact = m <= exact_max
+    projection = None
+    if not exact and d > PCA_DIM:
+        sample = _sample(m, PCA_TRAIN, seed)
+        projection = _Projection.fit(_unit(features[sample[s:s + _BLOCK]]) for s in range(0, len(sample), _BLOCK))
+    out = np.empty((m, k), dtype=np.int64)
+    order = np.argsort(labels, kind="stable")
+    for rows in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
+        want = min(k + 1, len(rows))
+        if exact:
+            unit = _unit(features[rows])
+            sim, local = faiss.knn(unit, unit, want, metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            codes = _fp16_codes(features.shape[1], len(rows))
+            _code_view(codes)[:] = codes.sa_encode(_unit(features[rows]))
+            sim, local = _approximate(codes, projection, want, exact_max=exact_max, seed=seed)
+        out[rows] = _finish(sim, local, rows, k)[0]
+    return out
 
 
 def agreement(graph: KnnGraph, labels: np.ndarray) -> np.ndarray:
@@ -104,7 +157,8 @@ def agreement(graph: KnnGraph, labels: np.ndarray) -> np.ndarray:
     return same.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
 
 
-def load_or_build(store: FeatureStore, labels: np.ndarray, *, k: int, cache_dir: Path | None = None) -> KnnGraph:
+def load_or_build(store: FeatureStore, labels: np.ndarray, *, k: int, cache_dir: Path | None = None,
+                  known: tuple[np.ndarray, np.ndarray] | None = None) -> KnnGraph:
     """The graph of ``store``'s features with given ``labels``, from the cache when it is valid.
 
     The cache, ``<cache_dir or the store's folder>/<store stem>.knn-k<k>.npz``, holds the
@@ -112,26 +166,55 @@ def load_or_build(store: FeatureStore, labels: np.ndarray, *, k: int, cache_dir:
     fingerprints, its usable rows, k and the search method; and ``same_label``, keyed by a hash of
     ``labels`` as well. New labels (another noise seed) reuse the neighbours and redo only the
     per-class searches. A missing, stale or unreadable cache is rebuilt, and written atomically; a
-    cache that cannot be written is logged, not fatal.
+    cache that cannot be written is logged, not fatal. A store opened without features is read
+    from its file (block by block for the neighbours). ``known``: the (neighbours, similarity)
+    that ``load_or_build_neighbours`` returned, used when the cache lacks them (it could not be
+    written).
     """
-    if store.features is None:
-        raise DataError(f"store {store.path} was opened without features; the kNN graph needs them")
-    labels = _check_inputs(store.features, labels, k)
-    path = Path(cache_dir if cache_dir is not None else store.path.parent) / f"{store.path.stem}.knn-k{k}.npz"
-    key = _cache_key(store, k)
+    labels = _check_labels(len(store.rows), labels)
+    _check_k(k)
+    path, key = _cache_path(store, k, cache_dir), _cache_key(store, k)
     labels_hash = hashlib.sha256(labels.tobytes()).hexdigest()
     cached = _read_cache(path, key, len(labels), k)
     if cached is not None and cached["labels_sha256"] == labels_hash:
         log.info("kNN graph from %s", path)
         return cached["graph"]
-    if cached is None:
-        graph = build_knn(store.features, labels, k=k)
+    if cached is None and known is not None:
+        nb, sim = known
+    elif cached is None:
+        nb, sim = neighbours(_features_of(store), k=k)
     else:
-        log.info("kNN neighbours from %s; same-label neighbours recomputed for new labels", path)
-        graph = cached["graph"]
-        graph.same_label = same_label_knn(store.features, labels, k=k)
+        log.info("kNN neighbours from %s; same-label neighbours computed for these labels", path)
+        nb, sim = cached["graph"].neighbours, cached["graph"].similarity
+    graph = KnnGraph(nb, sim, same_label_knn(_features_of(store), labels, k=k))
     _write_cache(path, key, labels_hash, graph)
     return graph
+
+
+def load_or_build_neighbours(store: FeatureStore, *, k: int,
+                             cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``store``'s label-independent (neighbours, similarity), from the cache of ``load_or_build``
+    or built and written there (with an empty same-label part).
+
+    Meant for a store opened without features: the search then reads the file block by
+    block, and the features can be loaded afterwards, never beside the search's own copy.
+    """
+    _check_k(k)
+    path, key = _cache_path(store, k, cache_dir), _cache_key(store, k)
+    cached = _read_cache(path, key, len(store.rows), k)
+    if cached is not None:
+        return cached["graph"].neighbours, cached["graph"].similarity
+    nb, sim = neighbours(_features_of(store), k=k)
+    _write_cache(path, key, "", KnnGraph(nb, sim, np.empty((0, k), dtype=np.int64)))
+    return nb, sim
+
+
+def _features_of(store: FeatureStore) -> np.ndarray | FeatureRows:
+    return store.features if store.features is not None else FeatureRows(store)
+
+
+def _cache_path(store: FeatureStore, k: int, cache_dir: Path | None) -> Path:
+    return Path(cache_dir if cache_dir is not None else store.path.parent) / f"{store.path.stem}.knn-k{k}.npz"
 
 
 def _cache_key(store: FeatureStore, k: int) -> str:
@@ -144,7 +227,7 @@ def _cache_key(store: FeatureStore, k: int) -> str:
 
 
 def _read_cache(path: Path, key: str, m: int, k: int) -> dict | None:
-    """The cached graph and its labels hash, or None (logged) when absent, stale or invalid."""
+    """The cached graph and its labels hash ("" when it holds no same-label part), or None (logged)."""
     if not path.is_file():
         return None
     try:
@@ -157,8 +240,9 @@ def _read_cache(path: Path, key: str, m: int, k: int) -> dict | None:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("kNN cache %s is unreadable (%s); rebuilding", path, exc)
         return None
-    checks = [(graph.neighbours, np.int64), (graph.similarity, np.float32), (graph.same_label, np.int64)]
-    valid = all(a.shape == (m, k) and a.dtype == t for a, t in checks)
+    same_rows = m if labels_hash else 0
+    checks = [(graph.neighbours, m, np.int64), (graph.similarity, m, np.float32), (graph.same_label, same_rows, np.int64)]
+    valid = all(a.shape == (rows, k) and a.dtype == t for a, rows, t in checks)
     valid = valid and all(a.min(initial=0) >= -1 and a.max(initial=0) < m for a in (graph.neighbours, graph.same_label))
     if not valid:
         log.warning("kNN cache %s has arrays of the wrong shape, type or range; rebuilding", path)
@@ -185,105 +269,106 @@ def _write_cache(path: Path, key: str, labels_hash: str, graph: KnnGraph) -> Non
 # --------------------------------------------------------------------------- searching
 
 
-def _check_inputs(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    if features.ndim != 2 or features.dtype not in (np.float16, np.float32) or features.shape[0] == 0:
+def _check_features(features) -> None:
+    if len(features.shape) != 2 or features.dtype not in (np.float16, np.float32) or features.shape[0] == 0:
         raise ValueError(f"features must be a non-empty (M, D) float16 or float32 array, got "
                          f"{features.dtype} {features.shape}")
-    labels = np.asarray(labels)
-    if labels.shape != (features.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be ({features.shape[0]},) integers, got {labels.dtype} {labels.shape}")
+
+
+def _check_k(k: int) -> None:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+
+
+def _check_labels(m: int, labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (m,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be ({m},) integers, got {labels.dtype} {labels.shape}")
     return labels.astype(np.int64, copy=False)
 
 
-def _same_label(search: _Searcher, labels: np.ndarray, k: int) -> np.ndarray:
-    out = np.empty((len(labels), k), dtype=np.int64)
-    order = np.argsort(labels, kind="stable")
-    for rows in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
-        out[rows] = search(rows, k)[0]
-    return out
+def _check_inputs(features, labels: np.ndarray, k: int) -> np.ndarray:
+    _check_features(features)
+    _check_k(k)
+    return _check_labels(features.shape[0], labels)
 
 
-class _Searcher:
-    """k nearest neighbours of a set of rows among the same rows, exact or approximate (module docstring)."""
+def _finish(sim: np.ndarray, local: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search results over ``rows`` -> (global indices, cosines) with self dropped, k columns, -1 / NaN pad."""
+    sim, local = _drop_self(sim, local, k)
+    idx = np.where(local >= 0, rows[np.maximum(local, 0)], -1)
+    return idx, np.where(idx >= 0, sim, np.nan).astype(np.float32)
 
-    def __init__(self, features: np.ndarray, *, exact_max: int, seed: int):
-        self.exact_max, self.seed = exact_max, seed
-        self.exact = len(features) <= exact_max
-        if self.exact:
-            self.unit = np.empty(features.shape, dtype=np.float32)
-            for s in range(0, len(features), _BLOCK):
-                self.unit[s:s + _BLOCK] = _unit(features[s:s + _BLOCK])
-            return
-        self.projection = None
-        if features.shape[1] > PCA_DIM:
-            self.projection = _Projection.fit(_unit(features[_sample(len(features), PCA_TRAIN, seed)]))
-        # float16 unit vectors: decoded as queries, and what candidates are re-scored against
-        self.codes = faiss.IndexScalarQuantizer(features.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
-        # sized once and filled in place: add() in blocks would grow the vector by doubling (2x peak memory)
-        self.codes.codes.resize(len(features) * self.codes.code_size)
-        view = self._code_view(len(features))
-        for s in range(0, len(features), _BLOCK):
-            view[s:s + _BLOCK] = self.codes.sa_encode(_unit(features[s:s + _BLOCK]))
-        self.codes.ntotal = len(features)
 
-    def _to_space(self, units: np.ndarray) -> np.ndarray:
-        return self.projection.apply(units) if self.projection else units
+def _fp16_codes(d: int, n: int) -> faiss.IndexScalarQuantizer:
+    """An index of ``n`` float16 vectors, storage sized once (to be filled through ``_code_view``)."""
+    codes = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+    # sized once and filled in place: add() in blocks would grow the vector by doubling (2x peak memory)
+    codes.codes.resize(n * codes.code_size)
+    codes.ntotal = n
+    return codes
 
-    def _code_view(self, n: int) -> np.ndarray:
-        """(n, code_size) uint8 view of the float16 unit vectors held by ``self.codes`` (no copy)."""
-        size = self.codes.code_size
-        return faiss.rev_swig_ptr(self.codes.codes.data(), n * size).reshape(n, size)
 
-    def __call__(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(len(rows), k) global indices of each row's nearest neighbours among ``rows``, and their cosines."""
-        want = min(k + 1, len(rows))
-        if self.exact:
-            unit = self.unit if len(rows) == len(self.unit) else self.unit[rows]
-            sim, local = faiss.knn(unit, unit, want, metric=faiss.METRIC_INNER_PRODUCT)
-        else:
-            dist, local = self._approximate(rows, want)
-            sim = 1.0 - dist / 2  # squared L2 between unit vectors = 2 - 2 cos
-        sim, local = _drop_self(sim, local, k)
-        idx = np.where(local >= 0, rows[np.maximum(local, 0)], -1)
-        return idx, np.where(idx >= 0, sim, np.nan).astype(np.float32)
+def _code_view(codes: faiss.IndexScalarQuantizer) -> np.ndarray:
+    """(ntotal, code_size) uint8 view of the vectors held by ``codes`` (no copy)."""
+    n, size = codes.ntotal, codes.code_size
+    return faiss.rev_swig_ptr(codes.codes.data(), n * size).reshape(n, size)
 
-    def _approximate(self, rows: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
-        """Search the (projected) rows, re-score RERANK x want candidates on the float16 unit vectors."""
-        codes = self._code_view(self.codes.ntotal)
 
-        def units(positions: np.ndarray) -> np.ndarray:  # float32 unit vectors of rows[positions]
-            return self.codes.sa_decode(codes[rows[positions]])
+def _encode(features, seed: int) -> tuple[faiss.IndexScalarQuantizer, _Projection | None]:
+    """One pass over ``features`` in blocks: float16 unit vectors, and the PCA fitted on ``_sample``'s rows."""
+    m, d = features.shape
+    codes = _fp16_codes(d, m)
+    view = _code_view(codes)
+    sample = _sample(m, PCA_TRAIN, seed) if d > PCA_DIM else np.empty(0, dtype=np.int64)
 
-        n = len(rows)
-        dim = self.projection.dim if self.projection else self.codes.d
-        base = faiss.IndexFlatL2(dim) if n <= self.exact_max else _ivf(dim, n, self.seed)
-        if not base.is_trained:  # on the sample, projected block by block
-            sample = _sample(n, _TRAIN_PER_LIST * base.nlist, self.seed)
-            base.train(np.concatenate([self._to_space(units(sample[s:s + _BLOCK]))
-                                       for s in range(0, len(sample), _BLOCK)]))
-        index = faiss.IndexPreTransform(self.projection.transform(), base) if self.projection else base
-        for s in range(0, n, _BLOCK):
-            index.add(units(np.arange(s, min(s + _BLOCK, n))))
-        order = np.arange(n)
-        if isinstance(base, faiss.IndexIVFFlat):
-            queries = units(_sample(n, _TUNE_QUERIES, self.seed + 1))
-            base.nprobe = _tune_nprobe(index, base, queries, self._to_space(queries), want)
-            order = np.concatenate([ids for ids, _ in _inverted_lists(base)])  # neighbours probe the same lists
-        if n == self.codes.ntotal:
-            refine = self.codes
-        else:
-            refine = faiss.IndexScalarQuantizer(self.codes.d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
-            refine.add_sa_codes(codes[rows])
-        index = faiss.IndexRefine(index, refine)
-        index.k_factor = RERANK
-        dist = np.empty((n, want), dtype=np.float32)
-        local = np.empty((n, want), dtype=np.int64)
-        for s in range(0, n, _BLOCK):
-            positions = order[s:s + _BLOCK]
-            dist[positions], local[positions] = index.search(units(positions), want)
-        return dist, local
+    def encode_and_pick():  # the sampled rows of each block, for the PCA
+        for s in range(0, m, _BLOCK):
+            unit = _unit(features[s:s + _BLOCK])
+            view[s:s + len(unit)] = codes.sa_encode(unit)
+            yield unit[sample[(sample >= s) & (sample < s + len(unit))] - s]
+
+    if not len(sample):
+        for _ in encode_and_pick():
+            pass
+        return codes, None
+    return codes, _Projection.fit(encode_and_pick())
+
+
+def _approximate(codes: faiss.IndexScalarQuantizer, projection: _Projection | None, want: int, *, exact_max: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each of the n vectors in ``codes`` against all: search the (projected) vectors, re-score
+    RERANK x want candidates on the float16 unit vectors. Returns (squared L2 (n, want), local indices)."""
+    view = _code_view(codes)
+    n = codes.ntotal
+
+    def units(positions: np.ndarray) -> np.ndarray:  # float32 unit vectors of these rows
+        return codes.sa_decode(view[positions])
+
+    def to_space(u: np.ndarray) -> np.ndarray:
+        return projection.apply(u) if projection else u
+
+    dim = projection.dim if projection else codes.d
+    base = faiss.IndexFlatL2(dim) if n <= exact_max else _ivf(dim, n, seed)
+    if not base.is_trained:  # on the sample, projected block by block
+        sample = _sample(n, _TRAIN_PER_LIST * base.nlist, seed)
+        base.train(np.concatenate([to_space(units(sample[s:s + _BLOCK])) for s in range(0, len(sample), _BLOCK)]))
+    index = faiss.IndexPreTransform(projection.transform(), base) if projection else base
+    for s in range(0, n, _BLOCK):
+        index.add(units(np.arange(s, min(s + _BLOCK, n))))
+    order = np.arange(n)
+    if isinstance(base, faiss.IndexIVF):
+        queries = units(_sample(n, _TUNE_QUERIES, seed + 1))
+        base.nprobe = _tune_nprobe(index, base, queries, to_space(queries), want)
+        order = np.concatenate([ids for ids, _ in _inverted_lists(base)])  # neighbours probe the same lists
+    refined = faiss.IndexRefine(index, codes)
+    refined.k_factor = RERANK
+    dist = np.empty((n, want), dtype=np.float32)
+    local = np.empty((n, want), dtype=np.int64)
+    for s in range(0, n, _BLOCK):
+        positions = order[s:s + _BLOCK]
+        dist[positions], local[positions] = refined.search(units(positions), want)
+    return dist, local
 
 
 @dataclass
@@ -294,18 +379,23 @@ class _Projection:
     components: np.ndarray
 
     @classmethod
-    def fit(cls, sample: np.ndarray) -> _Projection:
-        """Fit on ``sample`` (n, D) float32 unit vectors, which it centres in place."""
-        mean = sample.mean(axis=0)
-        sample -= mean
-        cov = sample.T @ sample
+    def fit(cls, blocks: Iterable[np.ndarray]) -> _Projection:
+        """Fit on the rows of ``blocks`` ((n_i, D) float32 unit vectors), from their first and second
+        moments: no copy of the sample is held."""
+        n, total, outer = 0, 0.0, 0.0
+        for block in blocks:
+            n += len(block)
+            total = total + block.sum(axis=0, dtype=np.float64)
+            outer = outer + (block.T @ block).astype(np.float64)
+        mean = total / max(n, 1)
+        cov = outer - n * np.outer(mean, mean)
         with threadpool_limits(1, user_api="blas"):  # LAPACK crawls when its threads fight FAISS's OpenMP ones
-            values, vecs = np.linalg.eigh(cov)
+            values, vecs = np.linalg.eigh(cov.astype(np.float32))
         kept = values[::-1][:PCA_DIM].sum() / max(values.sum(), 1e-12)
         (log.warning if kept < PCA_WARN else log.info)(
             "PCA to %d dims keeps %.0f%% of the feature variance%s", PCA_DIM, 100 * kept,
             "; approximate neighbours will be poor (features close to isotropic noise?)" if kept < PCA_WARN else "")
-        return cls(mean, np.ascontiguousarray(vecs[:, ::-1][:, :PCA_DIM]))
+        return cls(mean.astype(np.float32), np.ascontiguousarray(vecs[:, ::-1][:, :PCA_DIM]))
 
     @property
     def dim(self) -> int:
@@ -356,17 +446,19 @@ def _drop_self(dist: np.ndarray, local: np.ndarray, k: int) -> tuple[np.ndarray,
     return dist, local
 
 
-def _ivf(dim: int, n: int, seed: int) -> faiss.IndexIVFFlat:
-    """An untrained IndexIVFFlat (L2) for ``n`` rows: nlist ~ 4 sqrt(n), 10 seeded k-means iterations."""
+def _ivf(dim: int, n: int, seed: int) -> faiss.IndexIVFScalarQuantizer:
+    """An untrained IVF (L2, vectors stored as float16, half of IVFFlat's memory) for ``n`` rows:
+    nlist ~ 4 sqrt(n), 10 seeded k-means iterations."""
     nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 8))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist, faiss.METRIC_L2)
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(dim), dim, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_L2, False)
     index.cp.seed = seed % (1 << 31)
     index.cp.niter = 10
     index.cp.min_points_per_centroid = 1  # a small training sample is deliberate, not worth a warning
     return index
 
 
-def _tune_nprobe(index: faiss.Index, ivf: faiss.IndexIVFFlat, queries: np.ndarray, projected: np.ndarray,
+def _tune_nprobe(index: faiss.Index, ivf: faiss.IndexIVF, queries: np.ndarray, projected: np.ndarray,
                  k: int) -> int:
     """Smallest nprobe (x1.5 steps from 4) whose recall@k on ``queries`` reaches ``RECALL_TARGET``.
 
@@ -374,10 +466,10 @@ def _tune_nprobe(index: faiss.Index, ivf: faiss.IndexIVFFlat, queries: np.ndarra
     the truth is exhaustive search of its lists.
     """
     truth = faiss.ResultHeap(len(queries), k)
-    lists = list(_inverted_lists(ivf))
-    for s in range(0, len(lists), 64):
-        ids = np.concatenate([i for i, _ in lists[s:s + 64]])
-        dist, local = faiss.knn(projected, np.concatenate([v for _, v in lists[s:s + 64]]), min(k, len(ids)))
+    lists = _inverted_lists(ivf)
+    while group := list(itertools.islice(lists, 64)):  # 64 lists decoded at a time
+        ids = np.concatenate([i for i, _ in group])
+        dist, local = faiss.knn(projected, np.concatenate([v for _, v in group]), min(k, len(ids)))
         truth.add_result(dist, np.where(local >= 0, ids[np.maximum(local, 0)], -1))
     truth.finalize()
     nprobe = min(4, ivf.nlist)
@@ -392,12 +484,12 @@ def _tune_nprobe(index: faiss.Index, ivf: faiss.IndexIVFFlat, queries: np.ndarra
     return nprobe
 
 
-def _inverted_lists(ivf: faiss.IndexIVFFlat):
-    """Yield (ids, vectors) of each non-empty inverted list: views, no copies (IVFFlat codes are raw float32)."""
+def _inverted_lists(ivf: faiss.IndexIVFScalarQuantizer):
+    """Yield (ids, float32 vectors) of each non-empty inverted list (ids a view; vectors decoded from float16)."""
     lists = ivf.invlists
     for i in range(ivf.nlist):
         size = lists.list_size(i)
         if size:
             ids = faiss.rev_swig_ptr(lists.get_ids(i), size)
             codes = faiss.rev_swig_ptr(lists.get_codes(i), size * lists.code_size)
-            yield ids, codes.view(np.float32).reshape(size, ivf.d)
+            yield ids, codes.view(np.float16).reshape(size, ivf.d).astype(np.float32)

@@ -293,8 +293,9 @@ class Head(nn.Module):
         self.register_buffer("std", std)
 
     def standardize(self, x: Tensor) -> Tensor:
-        """x (..., D) -> (x - mean) / std (..., D)."""
-        return (x - self.mean).div_(self.std)  # in place: one (B, N, D) temporary, not two
+        """x (..., D) -> (x - mean) / std (..., D) in the buffers' dtype (float16 features are cast first)."""
+        z = x - self.mean if x.dtype == self.mean.dtype else x.to(self.mean.dtype).sub_(self.mean)
+        return z.div_(self.std)  # in place: one (B, N, D) temporary, not two
 
     def forward(self, x: Tensor) -> Tensor:
         """Test time, cleaner removed: x (M, D) -> logits (M, C)."""

@@ -20,8 +20,13 @@ _EVAL_ROWS = 8192
 
 
 def make_optimizer(head: Head, t: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
-    """SGD with momentum and the paper's step schedule (one definition for train-head and its benchmark)."""
-    optimizer = torch.optim.SGD(head.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    """SGD with momentum and the paper's step schedule (one definition for train-head and its benchmark).
+
+    Fused: one pass over each parameter, its gradient and momentum per step (the unfused
+    update makes five, a fifth of a CPU step at the paper's Food-101N settings).
+    """
+    optimizer = torch.optim.SGD(head.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                fused=True)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step, gamma=t.lr_gamma)
 
 
@@ -37,7 +42,7 @@ def train_one_epoch(head: Head, features: torch.Tensor, labels: torch.Tensor, sa
     start = time.perf_counter()
     for rows in sampler.epoch(epoch):
         idx = torch.from_numpy(rows).to(device)                  # (K, N)
-        v = features[idx.reshape(-1)].float().reshape(*idx.shape, -1)  # (K, N, D)
+        v = features.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (K, N, D) store dtype
         y = labels[idx[:, 0]]                                      # (K,) all N share the label
         loss, _ = head.subset_loss(v, y)
         optimizer.zero_grad(set_to_none=True)
@@ -58,7 +63,7 @@ def predict(head: Head, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]
     head.eval()
     probs = []
     for start in range(0, len(features), _EVAL_ROWS):
-        probs.append(torch.softmax(head(features[start:start + _EVAL_ROWS].float()), dim=1).cpu())
+        probs.append(torch.softmax(head(features[start:start + _EVAL_ROWS]), dim=1).cpu())
     p = torch.cat(probs).numpy() if probs else np.zeros((0, head.num_classes), np.float32)
     return p.argmax(1), p
 
@@ -91,7 +96,7 @@ def alpha_scores(head: Head, features: torch.Tensor, labels: np.ndarray, *, subs
         for start in range(0, len(subsets), _EVAL_ROWS // subset_size):
             part = subsets[start:start + _EVAL_ROWS // subset_size]
             idx = torch.from_numpy(part).to(features.device)
-            v = features[idx.reshape(-1)].float().reshape(*idx.shape, -1)
+            v = features.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)
             _, alpha = head.set_logits(v)
             np.add.at(total, part.reshape(-1), alpha.cpu().numpy().reshape(-1))
             np.add.at(count, part.reshape(-1), 1)
@@ -114,6 +119,6 @@ def set_accuracy(head: Head, features: torch.Tensor, labels: np.ndarray, *, subs
         return float("nan")
     rows = np.concatenate(subsets)
     idx = torch.from_numpy(rows).to(features.device)
-    v = features[idx.reshape(-1)].float().reshape(*idx.shape, -1)
+    v = features.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)
     logits, _ = head.set_logits(v)
     return float((logits.argmax(1).cpu().numpy() == labels[rows[:, 0]]).mean())

@@ -19,7 +19,7 @@ import numpy as np
 from mcpipe.errors import DataError
 from mcpipe.store.schema import FEATURE_DTYPES, REQUIRED_ATTRS, REQUIRED_DATASETS, SCHEMA_VERSION, SKIP_REASONS
 
-_SCAN_ROWS = 65536  # rows per block when loading / scanning features
+_SCAN_ROWS = 16384  # rows per block when loading / scanning features (64 MiB at 2048-d float16)
 
 
 @dataclass
@@ -147,6 +147,57 @@ def open_store(path: str | Path, *, allow_incomplete: bool = False, load_feature
         )
 
 
+def read_features(source: FeatureStore | FeatureRows) -> np.ndarray:
+    """(M, D) usable feature rows of a store opened with ``load_features=False``, checked as by ``open_store``."""
+    rows = source if isinstance(source, FeatureRows) else FeatureRows(source)
+    with rows.file() as f:
+        return _load_features(rows.path, f["features"], rows.rows)
+
+
+class FeatureRows:
+    """A store's usable feature rows, read from its file one slice at a time.
+
+    Stands in for the (M, D) array ``FeatureStore.features`` where work must not hold
+    all of it: ``len``, ``shape``, ``dtype`` and contiguous row slices ``[a:b]`` (rows
+    that were skipped or not written are left out, as in ``open_store``). Slices with
+    NaN or inf values are refused like ``open_store`` refuses them.
+    """
+
+    def __init__(self, store: FeatureStore):
+        self.path, self.rows = store.path, np.asarray(store.rows, dtype=np.int64)
+        self.shape = (len(self.rows), store.feature_dim)
+        self.dtype = np.dtype(store.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def file(self) -> h5py.File:
+        try:
+            return h5py.File(self.path, "r")
+        except OSError as exc:
+            raise _refuse(self.path, f"cannot be read: {exc}") from None
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"FeatureRows takes contiguous row slices, got {key!r}")
+        rows = self.rows[key]
+        if not len(rows):
+            return np.empty((0, self.shape[1]), dtype=self.dtype)
+        with self.file() as f:
+            block = f["features"][rows[0]:rows[-1] + 1]
+        if len(block) != len(rows):
+            block = block[rows - rows[0]]
+        _check_finite(self.path, block, rows)
+        return block
+
+
+def _check_finite(path: Path, block: np.ndarray, rows: np.ndarray) -> None:
+    finite = np.isfinite(block).all(axis=1)
+    if not finite.all():
+        row = int(rows[np.flatnonzero(~finite)[0]])
+        raise _refuse(path, f"has NaN or infinite features (first at row {row}); re-extract it")
+
+
 def _load_features(path: Path, ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """Read ``rows`` of ``ds`` block by block, refusing NaN or inf values."""
     n = ds.shape[0]
@@ -159,10 +210,7 @@ def _load_features(path: Path, ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray
         sel = np.arange(stop - start) if all_rows else rows[(rows >= start) & (rows < stop)] - start
         if not all_rows:
             block = block[sel]
-        finite = np.isfinite(block).all(axis=1)
-        if not finite.all():
-            row = start + int(sel[np.flatnonzero(~finite)[0]])
-            raise _refuse(path, f"has NaN or infinite features (first at row {row}); re-extract it")
+        _check_finite(path, block, start + sel)
         out[pos:pos + len(block)] = block
         pos += len(block)
     return out

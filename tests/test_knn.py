@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import h5py
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -11,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 from mcpipe.cleaner import knn
 from mcpipe.cleaner.noise import apply_noise
 from mcpipe.errors import DataError
-from mcpipe.store.reader import FeatureStore
+from mcpipe.store.reader import FeatureRows, FeatureStore, open_store, read_features
+from mcpipe.store.synthetic import write_synthetic_store
 
 
 def clustered(m=2000, d=32, c=10, spread=0.8, seed=0, dtype=np.float32):
@@ -147,9 +149,9 @@ def make_store(tmp_path, x, labels, *, source="src-a", config="cfg-a"):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Count calls of the two builders load_or_build may use."""
+    """Count calls of the two searches load_or_build may run."""
     calls = {"build": 0, "same": 0}
-    build, same = knn.build_knn, knn.same_label_knn
+    build, same = knn.neighbours, knn.same_label_knn
 
     def counting_build(*a, **kw):
         calls["build"] += 1
@@ -159,7 +161,7 @@ def counted(monkeypatch):
         calls["same"] += 1
         return same(*a, **kw)
 
-    monkeypatch.setattr(knn, "build_knn", counting_build)
+    monkeypatch.setattr(knn, "neighbours", counting_build)
     monkeypatch.setattr(knn, "same_label_knn", counting_same)
     return calls
 
@@ -171,7 +173,7 @@ def test_cache_hit_returns_identical_arrays(tmp_path, counted):
     assert (tmp_path / "train.knn-k6.npz").is_file()
     assert not list(tmp_path.glob(".*.tmp"))
     second = knn.load_or_build(store, labels, k=6)
-    assert counted == {"build": 1, "same": 0}
+    assert counted == {"build": 1, "same": 1}
     for name in ("neighbours", "similarity", "same_label"):
         np.testing.assert_array_equal(getattr(second, name), getattr(first, name))
 
@@ -182,11 +184,11 @@ def test_new_labels_reuse_the_neighbours(tmp_path, counted):
     first = knn.load_or_build(store, labels, k=6)
     noisy = apply_noise(labels, 10, kind="symmetric", rate=0.3, seed=1)
     second = knn.load_or_build(store, noisy, k=6)
-    assert counted == {"build": 1, "same": 1}
+    assert counted == {"build": 1, "same": 2}
     np.testing.assert_array_equal(second.neighbours, first.neighbours)
     np.testing.assert_array_equal(second.same_label, knn.build_knn(x, noisy, k=6).same_label)
     knn.load_or_build(store, noisy, k=6)  # the rewritten cache now holds these labels
-    assert counted == {"build": 2, "same": 1}  # (the reference build_knn call above counts once)
+    assert counted == {"build": 2, "same": 3}  # (the reference build_knn call above counts once each)
 
 
 @pytest.mark.parametrize("change", ["k", "source", "config", "rows"])
@@ -222,14 +224,58 @@ def test_corrupt_or_wrong_cache_is_rebuilt(tmp_path, counted, caplog):
     assert counted["build"] == 3
 
 
-def test_cache_dir_and_store_without_features(tmp_path):
+def test_cache_dir(tmp_path):
     x, labels = clustered(m=100, d=8)
     store = make_store(tmp_path, x, labels)
     knn.load_or_build(store, labels, k=3, cache_dir=tmp_path / "cache" / "knn")
     assert (tmp_path / "cache" / "knn" / "train.knn-k3.npz").is_file()
-    store.features = None
-    with pytest.raises(DataError, match="opened without features"):
-        knn.load_or_build(store, labels, k=3)
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 300])
+def test_search_streamed_from_the_file_equals_search_in_memory(tmp_path, exact_max):
+    path = write_synthetic_store(tmp_path / "train.h5", 1200, 300, 6, block_rows=256)  # 300 > PCA_DIM
+    lazy = open_store(path, load_features=False)
+    loaded = open_store(path)
+    rows = FeatureRows(lazy)
+    assert len(rows) == 1200 and rows.shape == loaded.features.shape and rows.dtype == loaded.features.dtype
+    np.testing.assert_array_equal(rows[100:700], loaded.features[100:700])
+    np.testing.assert_array_equal(read_features(lazy), loaded.features)
+    streamed = knn.neighbours(rows, k=5, exact_max=exact_max)
+    in_memory = knn.neighbours(loaded.features, k=5, exact_max=exact_max)
+    for a, b in zip(streamed, in_memory):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_store_without_features_builds_from_its_file(tmp_path, counted):
+    path = write_synthetic_store(tmp_path / "train.h5", 500, 16, 5)
+    lazy, loaded = open_store(path, load_features=False), open_store(path)
+    nb, sim = knn.load_or_build_neighbours(lazy, k=4)  # written to the cache, same-label part empty
+    assert counted == {"build": 1, "same": 0}
+    again = knn.load_or_build_neighbours(lazy, k=4)
+    np.testing.assert_array_equal(again[0], nb)
+    graph = knn.load_or_build(loaded, loaded.labels, k=4)  # neighbours from the cache
+    assert counted == {"build": 1, "same": 1}
+    reference = knn.build_knn(loaded.features, loaded.labels, k=4)
+    for name in ("neighbours", "similarity", "same_label"):
+        np.testing.assert_array_equal(getattr(graph, name), getattr(reference, name))
+
+
+def test_known_neighbours_are_used_when_the_cache_is_missing(tmp_path, counted):
+    x, labels = clustered(m=200, d=8)
+    store = make_store(tmp_path, x, labels)
+    known = knn.neighbours(x, k=3)
+    graph = knn.load_or_build(store, labels, k=3, known=known, cache_dir=tmp_path / "elsewhere")
+    assert counted == {"build": 1, "same": 1}  # only the call above searched
+    np.testing.assert_array_equal(graph.neighbours, known[0])
+
+
+def test_non_finite_rows_are_refused_while_streaming(tmp_path):
+    path = write_synthetic_store(tmp_path / "train.h5", 300, 8, 3)
+    with h5py.File(path, "r+") as f:
+        f["features"][250, 3] = np.inf
+    lazy = open_store(path, load_features=False)
+    with pytest.raises(DataError, match="NaN or infinite features .first at row 250"):
+        knn.neighbours(FeatureRows(lazy), k=3)
 
 
 def test_unwritable_cache_is_logged_not_fatal(tmp_path, caplog):
