@@ -57,7 +57,7 @@ RECALL_TARGET = 0.98  # recall@k of the IVF against exhaustive search in the sam
 _TUNE_QUERIES = 500  # queries that measure that recall
 _TRAIN_PER_LIST = 32  # k-means training rows per inverted list
 _BLOCK = 8192  # rows per block when converting features to float32
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: IVF vectors in float16, PCA from moments
 
 
 @dataclass
