@@ -30,8 +30,9 @@ from mcpipe.cleaner.sampler import SubsetSampler
 from mcpipe.cleaner.train import alpha_scores, make_optimizer, predict, set_accuracy, train_one_epoch
 from mcpipe.config import Config, to_toml
 from mcpipe.devices import resolve_device
-from mcpipe.errors import ConfigError, DataError
+from mcpipe.errors import DataError
 from mcpipe.progress import progress_bar
+from mcpipe.rundir import save_atomic, start_run_dir
 from mcpipe.store.reader import FeatureStore, open_store, read_features
 
 log = logging.getLogger(__name__)
@@ -135,33 +136,6 @@ def _new_head(cfg: Config, prep: Prepared) -> Head:
     return head.to(prep.device)
 
 
-def _prepare_out(out: Path, config_text: str, *, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a run folder")
-    present = [f for f in _RUN_FILES if (out / f).exists() and f != "config.toml"]
-    if resume:
-        if not (out / "checkpoint.pt").exists():
-            raise DataError(f"--resume: {out} has no checkpoint.pt to resume from")
-        saved = (out / "config.toml").read_text(encoding="utf-8") if (out / "config.toml").exists() else ""
-        if saved != config_text:
-            raise ConfigError(f"--resume: the config differs from the one {out} was started with "
-                              f"({out / 'config.toml'}); resume with the same config, or --overwrite")
-        return
-    if present and not overwrite:
-        raise DataError(f"{out} already holds a run ({', '.join(present)}); --resume to continue it or "
-                        "--overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in _RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    (out / "config.toml").write_text(config_text, encoding="utf-8")
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _provenance(store: FeatureStore) -> dict:
     keys = ("backbone", "weights", "weights_sha256", "preprocessing", "image_size", "source_fingerprint",
             "config_fingerprint", "dataset")
@@ -185,7 +159,7 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
         log.warning("%d classes have fewer than N = %d images and are drawn with replacement: %s",
                     len(sampler.small_classes), n, names)
     head = _new_head(cfg, prep)
-    _prepare_out(out, config_text, resume=resume, overwrite=overwrite)  # inputs are valid: now touch --out
+    start_run_dir(out, config_text, _RUN_FILES, resume=resume, overwrite=overwrite)  # inputs are valid: now touch --out
     t = cfg.train
     optimizer, scheduler = make_optimizer(head, t)
     history: list[dict] = []
@@ -213,7 +187,7 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
             if prep.test is not None:
                 row["test_accuracy"] = accuracy(predict(head, prep.test_x)[0], prep.test.labels)
             history.append(row)
-            _save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+            save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                           "config": config_text}, out / "checkpoint.pt")
             log.info("epoch %d/%d: loss %.4f%s, %.0f img/s", epoch + 1, t.epochs, row["loss"],
@@ -253,7 +227,7 @@ def _finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarra
         metrics["noise_detection_ap"] = found[rank]["average_precision"]
     metrics["ranked_by"] = rank
     _write_scores(out / "scores.csv", store, given, clean, pred, scores, rank)
-    _save_atomic({"format": HEAD_FORMAT, "version": 1, "state_dict": head.state_dict(), "head": head.config(),
+    save_atomic({"format": HEAD_FORMAT, "version": 1, "state_dict": head.state_dict(), "head": head.config(),
                   "classes": list(store.classes), "feature_dim": store.feature_dim,
                   "provenance": _provenance(store), "config": to_toml(cfg)}, out / "head.pt")
     return metrics

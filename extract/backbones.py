@@ -179,7 +179,7 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 # ------------------------------------------------------------------ building and loading
 
-def build_backbone(name: str, weights: str, *, image_size: int) -> Backbone:
+def build_backbone(name: str, weights: str, *, image_size: int, warn_random: bool = True) -> Backbone:
     """The feature network ``name`` with ``weights`` (see the module docstring).
 
     Raises:
@@ -195,7 +195,8 @@ def build_backbone(name: str, weights: str, *, image_size: int) -> Backbone:
         net = spec.build(image_size)
     setattr(net, spec.head, nn.Identity())
     if source is None:
-        log.warning("%s with weights = none: random initialisation, the features are random", name)
+        if warn_random:  # (not when trained weights are loaded over it next, as mcpipe predict does)
+            log.warning("%s with weights = none: random initialisation, the features are random", name)
         digest = ""
     else:
         load_weights(net, read_state_dict(source), drop=spec.head + ".", what=f"{source} for {name}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -165,6 +166,67 @@ def _summary_line(r) -> str:  # noqa: ANN001 - extract.run.SplitResult
     state = "complete" if r.complete else "INCOMPLETE"
     return (f"{r.split}: {r.rows:,} rows -> {r.path} ({state}); {r.extracted:,} extracted in {r.seconds:.1f} s "
             f"({r.images_per_second:,.1f} img/s); {skipped} skipped" + (f" ({why})" if skipped else ""))
+
+
+@app.command()
+@guarded
+def finetune(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    head: Optional[Path] = typer.Option(None, "--head", help="A train-head run (or its head.pt) to start the cleaner and classifier from."),
+    out: Path = typer.Option(Path("runs/finetune"), "--out", "-o", help="Run folder to write."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    device: Optional[str] = DeviceOpt,
+    progress: bool = ProgressOpt,
+    log_level: str = LogOpt,
+) -> None:
+    """Train backbone + MetaCleaner + classifier end to end on images (torchrun for several devices)."""
+    _setup_logging(log_level)
+    cfg = _config(config, set_)
+    if device is not None:
+        cfg = replace(cfg, "finetune", device=device)
+    from mcpipe.finetune.run import run
+
+    m = run(cfg, out=out, head=head, resume=resume, overwrite=overwrite, progress=progress and sys.stderr.isatty())
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(finetune_summary(m, out))
+
+
+def finetune_summary(m: dict, out: Path) -> str:
+    phases = ", ".join(f"{p['name']} {p['epochs']}" for p in m["phases"])
+    parts = [f"{len(m['history'])} epochs ({phases})"]
+    if "test_accuracy" in m:
+        parts.append(f"test top-1 {m['test_accuracy']:.4f}" + (f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else "")
+                     + f" (best {m['best_test_accuracy']:.4f} at epoch {m['best_epoch']})")
+    last = m["history"][-1] if m["history"] else {}
+    if last:
+        parts.append(f"{last['images_per_second']:.1f} img/s")
+    parts.append(f"{m['seconds']:.1f} s -> {out}/model.pt")
+    return "; ".join(parts)
+
+
+@app.command()
+@guarded
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="Image files, folders of images, or CSV/TSV manifests with a path column."),
+    model: Path = typer.Option(..., "--model", "-m", help="A finetune run folder (model.pt + model.json)."),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="CSV to write."),
+    top_k: int = typer.Option(5, "--top-k", help="Classes listed per image."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader processes decoding images."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = ProgressOpt,
+    log_level: str = LogOpt,
+) -> None:
+    """Classify images with a finetuned model; writes id, predicted class, probability and the top k."""
+    _setup_logging(log_level)
+    from mcpipe.finetune.predict import predict as run_predict
+
+    r = run_predict(model, list(inputs), out, device=device, batch_size=batch_size, top_k=top_k, workers=workers,
+                    progress=progress and sys.stderr.isatty())
+    typer.echo(f"{r['predicted']} of {r['images']} images classified, {r['skipped']} skipped; "
+               f"{r['seconds']:.1f} s -> {r['out']}")
 
 
 @app.command()

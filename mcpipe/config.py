@@ -184,6 +184,64 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 10
+    """Phase 1: epochs of end-to-end training with the cleaner in the loop (0 = skip)."""
+    batch_size: int = 64
+    """Images per batch and process = K classes x N images (N = cleaner.subset_size)."""
+    lr: float = 0.01
+    """SGD learning rate of the cleaner and classifier."""
+    backbone_lr: float = 0.001
+    """SGD learning rate of the backbone."""
+    lr_step: int = 5
+    """Epochs between learning-rate drops, counted inside each phase."""
+    lr_gamma: float = 0.1
+    """Factor of each drop."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0001
+    """L2 weight decay."""
+    freeze_epochs: int = 0
+    """First epochs of phase 1 with the backbone frozen (only cleaner and classifier learn)."""
+    unload_epochs: int = 0
+    """Phase 2: epochs of plain softmax training after dropping the cleaner (paper, CIFAR-10/ImageNet)."""
+    clean_split: str = ""
+    """Phase 3: a split with clean labels to fine-tune on (e.g. verified_train, clean_train); empty = none."""
+    clean_epochs: int = 0
+    """Phase 3: epochs of plain softmax training on clean_split (paper, Clothing1M)."""
+    train_split: str = "train"
+    """Split trained on (its labels get [noise])."""
+    test_split: str = "test"
+    """Split evaluated after every epoch, cleaner removed; empty or absent = no evaluation."""
+    workers: int = 2
+    """DataLoader processes decoding images (0 = in the training process)."""
+    amp: Literal["auto", "bf16", "none"] = "auto"
+    """Mixed precision: auto = bf16 autocast on CUDA, float32 on CPU."""
+    seed: int = 0
+    """Seed of initialisation, sampling and augmentation: a resumed run repeats an uninterrupted one."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N (under torchrun each process takes its LOCAL_RANK GPU)."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "freeze_epochs", "unload_epochs", "clean_epochs", "workers"):
+            _check(getattr(self, key) >= 0, f"finetune.{key}", getattr(self, key), "an integer >= 0")
+        _check(self.batch_size >= 1, "finetune.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, "finetune.lr", self.lr, "a number > 0")
+        _check(self.backbone_lr >= 0, "finetune.backbone_lr", self.backbone_lr, "a number >= 0")
+        _check(self.lr_step >= 1, "finetune.lr_step", self.lr_step, "an integer >= 1")
+        _check(0 < self.lr_gamma <= 1, "finetune.lr_gamma", self.lr_gamma, "a number in (0, 1]")
+        _check(0 <= self.momentum < 1, "finetune.momentum", self.momentum, "a number in [0, 1)")
+        _check(self.weight_decay >= 0, "finetune.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.freeze_epochs <= self.epochs, "finetune.freeze_epochs", self.freeze_epochs,
+               f"at most finetune.epochs = {self.epochs}")
+        _check(self.epochs + self.unload_epochs + self.clean_epochs >= 1, "finetune.epochs", self.epochs,
+               "at least one epoch in some phase (epochs, unload_epochs or clean_epochs)")
+        _check(bool(self.clean_split) == (self.clean_epochs > 0), "finetune.clean_split", self.clean_split,
+               "a split name exactly when finetune.clean_epochs > 0")
+        _check_device("finetune.device", self.device)
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     """(section.key, values) pairs; mcpipe sweep runs every combination."""
@@ -197,6 +255,7 @@ class Config:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     cleaner: CleanerConfig = field(default_factory=CleanerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 

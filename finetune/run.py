@@ -1,0 +1,344 @@
+"""``mcpipe finetune``: backbone + MetaCleaner + classifier trained end to end on images.
+
+Phases, each optional (``[finetune]``): ``cleaner`` (K x N subsets through the
+cleaner, the first ``freeze_epochs`` with the backbone frozen), ``unload``
+(cleaner dropped, plain softmax on the same noisy split) and ``clean``
+(plain softmax on ``clean_split``). Each phase starts its own SGD (momentum,
+one learning rate for the backbone, one for the head) and step schedule.
+After every epoch: top-1/top-5 on ``test_split`` with the cleaner removed,
+``metrics.json``, and ``checkpoint.pt`` (atomic). ``--resume`` continues from
+the last epoch to the numbers an uninterrupted run gives on the same device.
+At the end the model is exported (``model.pt`` + ``model.json``, see
+``mcpipe.finetune.export``).
+
+Under ``torchrun`` every process trains a DistributedDataParallel replica on
+its own batches (disjoint subsets) and evaluates a shard of the test split;
+only rank 0 writes.
+
+Run folder: ``config.toml``, ``checkpoint.pt``, ``metrics.json``, ``model.pt``, ``model.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mcpipe.cleaner.model import Head
+from mcpipe.cleaner.noise import noise_from_config
+from mcpipe.cleaner.run import HEAD_FORMAT
+from mcpipe.cleaner.sampler import SubsetSampler
+from mcpipe.config import Config, to_toml
+from mcpipe.devices import resolve_device
+from mcpipe.errors import ConfigError, DataError
+from mcpipe.extract.backbones import build_backbone
+from mcpipe.extract.data import IndexImages
+from mcpipe.extract.distributed import DistInfo, barrier, init, shutdown
+from mcpipe.extract.preprocess import Preprocess, eval_transform, preprocess_for, train_transform
+from mcpipe.extract.sources.base import SplitIndex
+from mcpipe.extract.sources.registry import available_splits, load_index
+from mcpipe.finetune.data import ShuffledBatches, SubsetBatches, TrainImages, collate
+from mcpipe.finetune.export import export_model
+from mcpipe.finetune.model import Net
+from mcpipe.progress import progress_bar
+from mcpipe.rundir import check_run_dir, save_atomic, start_run_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("config.toml", "checkpoint.pt", "metrics.json", "model.pt", "model.json")
+SECTIONS = ("data", "extract", "noise", "cleaner", "finetune")
+CHECKPOINT_FORMAT = "mcpipe-finetune-checkpoint"
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # cleaner | unload | clean
+    epochs: int
+    split: str
+    cleaner: bool
+
+
+def plan(cfg: Config) -> list[Phase]:
+    f = cfg.finetune
+    phases = [Phase("cleaner", f.epochs, f.train_split, True), Phase("unload", f.unload_epochs, f.train_split, False),
+              Phase("clean", f.clean_epochs, f.clean_split, False)]
+    return [p for p in phases if p.epochs > 0]
+
+
+def run(cfg: Config, *, out: str | Path, head: str | Path | None = None, resume: bool = False,
+        overwrite: bool = False, progress: bool = False) -> dict:
+    """Train, evaluate and export into ``out``; returns the metrics (also in ``out/metrics.json``)."""
+    info = DistInfo.from_env()
+    device = resolve_device(cfg.finetune.device, key="finetune.device", local_rank=info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init(info, device)
+    try:
+        return _run(cfg, info, device, Path(out), None if head is None else Path(head), resume, overwrite, progress)
+    finally:
+        shutdown(info)
+
+
+def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run: Path | None, resume: bool,
+         overwrite: bool, progress: bool) -> dict:
+    f = cfg.finetune
+    config_text = to_toml(cfg, SECTIONS)
+    check_run_dir(out, config_text, RUN_FILES, resume=resume, overwrite=overwrite)  # before any slow work
+    splits = available_splits(cfg.data)
+    for key, split in (("finetune.train_split", f.train_split), ("finetune.clean_split", f.clean_split)):
+        if split and split not in splits:
+            raise ConfigError(f"{key} = {split!r} is not a split of {cfg.data.source} data in {cfg.data.root}: "
+                              f"it has {', '.join(splits) or 'none'}")
+    train = load_index(cfg.data, f.train_split)
+    given = train.labels.copy() if cfg.noise.kind == "none" else noise_from_config(train.labels, len(train.classes),
+                                                                                   cfg.noise)
+    test = load_index(cfg.data, f.test_split) if f.test_split in splits else None
+    if test is None and info.is_main:
+        log.warning("no %r split: test accuracy will not be measured", f.test_split)
+    clean = load_index(cfg.data, f.clean_split) if f.clean_split else None
+    for other in (test, clean):
+        if other is not None and other.classes != train.classes:
+            raise DataError(f"split {other.split!r} has other classes than {train.split!r}")
+
+    backbone = build_backbone(cfg.extract.backbone, cfg.extract.weights, image_size=cfg.extract.image_size)
+    pre = preprocess_for(cfg.extract.backbone, cfg.extract.image_size, cfg.extract.resize)
+    head = _load_head(head_run, cfg, backbone.feature_dim, train.classes) if head_run else _new_head(
+        cfg, backbone.feature_dim, len(train.classes))
+    net = Net(backbone, head).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    amp = f.amp == "bf16" or (f.amp == "auto" and device.type == "cuda")
+
+    if info.is_main:
+        start_run_dir(out, config_text, RUN_FILES, resume=resume, overwrite=overwrite)
+    barrier(info)
+    ckpt = _read_checkpoint(out, device, config_text) if resume else None
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+    history: list[dict] = ckpt["history"] if ckpt else []
+    done = ckpt["epoch"] if ckpt else 0
+    start = time.perf_counter()
+    seconds_before = ckpt["seconds"] if ckpt else 0.0
+    given_t = torch.from_numpy(given).to(device)
+    clean_t = torch.from_numpy(clean.labels).to(device) if clean is not None else None
+    total_epochs = sum(p.epochs for p in plan(cfg))
+    replaced = ckpt["replaced"] if ckpt else 0
+    epoch = 0
+    for phase in plan(cfg):
+        index, labels_t, labels = (clean, clean_t, clean.labels) if phase.name == "clean" else (train, given_t, given)
+        if epoch + phase.epochs <= done:
+            epoch += phase.epochs
+            continue
+        optimizer, scheduler = _optimizer(net, cfg)
+        if ckpt is not None and ckpt["phase"] == phase.name and done > epoch:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        dataset = TrainImages(index, labels, train_transform(pre), seed=f.seed, min_size=pre.resize)
+        subsets = (SubsetSampler(labels, subset_size=head.cleaner.subset_size, batch_size=f.batch_size, seed=f.seed)
+                   if phase.cleaner else None)
+        model, wrapped_for = net, None
+        for e in range(phase.epochs):
+            if epoch < done:
+                epoch += 1
+                continue
+            trainable = f.backbone_lr > 0 and not (phase.name == "cleaner" and e < f.freeze_epochs)
+            net.set_backbone_trainable(trainable)
+            if info.enabled and wrapped_for != trainable:  # DDP holds the parameters that need gradients
+                model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                find_unused_parameters=not phase.cleaner)
+                wrapped_for = trainable
+            batches = (SubsetBatches(subsets, epoch, rank=info.rank, world=info.world_size) if phase.cleaner else
+                       ShuffledBatches(len(index), f.batch_size, epoch, seed=f.seed, rank=info.rank,
+                                       world=info.world_size))
+            if len(batches) == 0:
+                raise DataError(f"split {index.split!r} has {len(index)} images: not one batch of "
+                                f"{f.batch_size} per process; lower finetune.batch_size")
+            loader = DataLoader(dataset, batch_sampler=batches, num_workers=f.workers, collate_fn=collate,
+                                pin_memory=device.type == "cuda")
+            with progress_bar(progress and info.is_main) as bar:
+                task = bar.add_task(f"{phase.name} {epoch + 1}/{total_epochs}", total=len(batches) * f.batch_size)
+                stats = _train_epoch(model, net, loader, labels_t, phase, optimizer, device, amp, info,
+                                     lambda k, msg: bar.update(task, advance=k, description=(
+                                         f"{phase.name} {epoch + 1}/{total_epochs} {msg}")))
+            scheduler.step()
+            replaced += stats["replaced"]
+            row = {"epoch": epoch + 1, "phase": phase.name, "loss": stats["loss"],
+                   "lr": optimizer.param_groups[-1]["lr"], "backbone_lr": optimizer.param_groups[0]["lr"],
+                   "backbone_trained": trainable, "images_per_second": stats["images_per_second"]}
+            if test is not None:
+                row.update(evaluate(net, test, pre, device=device, amp=amp, batch_size=f.batch_size,
+                                    workers=f.workers, info=info))
+            history.append(row)
+            epoch += 1
+            seconds = seconds_before + time.perf_counter() - start
+            if info.is_main:
+                metrics = _metrics(cfg, history, train, given, seconds, replaced)
+                save_atomic({"format": CHECKPOINT_FORMAT, "model": net.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "epoch": epoch, "phase": phase.name, "history": history, "seconds": seconds,
+                             "replaced": replaced, "config": config_text}, out / "checkpoint.pt")
+                write_json_atomic(metrics, out / "metrics.json")
+                log.info("epoch %d/%d (%s): loss %.4f%s, %.1f img/s", epoch, total_epochs, phase.name, row["loss"],
+                         f", test top-1 {row['test_top1']:.4f}" if "test_top1" in row else "",
+                         row["images_per_second"])
+            barrier(info)
+    metrics = _metrics(cfg, history, train, given, seconds_before + time.perf_counter() - start, replaced)
+    if info.is_main:
+        export_model(out, net, backbone=cfg.extract.backbone, image_size=cfg.extract.image_size,
+                     classes=train.classes, pre=pre, provenance=backbone.provenance,
+                     metrics={k: metrics[k] for k in ("test_accuracy", "test_top5") if k in metrics})
+        write_json_atomic(metrics, out / "metrics.json")
+    barrier(info)
+    return metrics
+
+
+def _new_head(cfg: Config, feature_dim: int, num_classes: int) -> Head:
+    c = cfg.cleaner
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.finetune.seed)
+        return Head(feature_dim, num_classes, subset_size=c.subset_size, hidden=c.hidden, weighting=c.weighting,
+                    combine=c.combine)
+
+
+def _load_head(run: Path, cfg: Config, feature_dim: int, classes: list[str]) -> Head:
+    """The cleaner and classifier of a train-head run, checked against this backbone and data set."""
+    path = run / "head.pt" if run.is_dir() else run
+    if not path.is_file():
+        raise DataError(f"--head {run}: no head.pt (mcpipe train-head --out writes one)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or pickled objects weights_only refuses
+        raise DataError(f"--head {path} cannot be read as an mcpipe head: {str(exc).splitlines()[0]}") from None
+    if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT:
+        raise DataError(f"--head {path} is not an mcpipe head (mcpipe train-head writes head.pt)")
+    backbone = (saved.get("provenance") or {}).get("backbone")
+    checks = (("backbone", backbone, cfg.extract.backbone), ("feature dimension", saved["feature_dim"], feature_dim),
+              ("class count", len(saved["classes"]), len(classes)), ("classes", saved["classes"], classes))
+    for what, theirs, ours in checks:
+        if theirs != ours:
+            raise DataError(f"--head {path} does not fit: its {what} is {theirs!s:.120} but this finetune's is "
+                            f"{ours!s:.120} (extract.backbone / the data set)")
+    head = Head(**saved["head"])
+    head.load_state_dict(saved["state_dict"])
+    if head.cleaner.subset_size != cfg.cleaner.subset_size:
+        log.warning("the head was trained with N = %d subsets; finetune uses N = %d from it, not "
+                    "cleaner.subset_size = %d", head.cleaner.subset_size, head.cleaner.subset_size,
+                    cfg.cleaner.subset_size)
+    return head
+
+
+def _optimizer(net: Net, cfg: Config) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
+    f = cfg.finetune
+    groups = [{"params": list(net.backbone.parameters()), "lr": f.backbone_lr},
+              {"params": list(net.head.parameters()), "lr": f.lr}]
+    optimizer = torch.optim.SGD(groups, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay, fused=True)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=f.lr_step, gamma=f.lr_gamma)
+
+
+def _read_checkpoint(out: Path, device: torch.device, config_text: str) -> dict:
+    path = out / "checkpoint.pt"
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise DataError(f"--resume: {path} cannot be read: {str(exc).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"--resume: {path} is not an mcpipe finetune checkpoint")
+    if ckpt["config"] != config_text:
+        raise ConfigError(f"--resume: the config differs from the one {out} was started with")
+    return ckpt
+
+
+def _train_epoch(model: torch.nn.Module, net: Net, loader: DataLoader, labels: torch.Tensor, phase: Phase,
+                 optimizer: torch.optim.Optimizer, device: torch.device, amp: bool, info: DistInfo,
+                 on_batch) -> dict:
+    net.train()
+    n = net.head.cleaner.subset_size
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    batches = images_seen = replaced = 0
+    start = time.perf_counter()
+    for images, rows, read in loader:
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        rows = rows.to(device, non_blocking=True)
+        y = labels[rows.view(-1, n)[:, 0]] if phase.cleaner else labels[rows]
+        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            loss = model(images, y, cleaner=phase.cleaner)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        batches += 1
+        images_seen += len(images)
+        replaced += int((read != rows.cpu()).sum())
+        if batches % 4 == 0 or device.type == "cpu":
+            on_batch(len(images) * (4 if device.type != "cpu" else 1), f"loss {float(loss.detach()):.3f} "
+                     f"lr {optimizer.param_groups[-1]['lr']:.2g}")
+    seconds = time.perf_counter() - start
+    if info.enabled:
+        agg = torch.tensor([float(total), images_seen, replaced], dtype=torch.float64, device=device)
+        dist.all_reduce(agg)
+        total_loss, images_all, replaced = float(agg[0]), int(agg[1]), int(agg[2])
+        mean_loss = total_loss / max(batches * info.world_size, 1)
+    else:
+        mean_loss, images_all = float(total) / max(batches, 1), images_seen
+    return {"loss": mean_loss, "images_per_second": images_all / max(seconds, 1e-9), "replaced": replaced}
+
+
+@torch.inference_mode()
+def evaluate(net: Net, index: SplitIndex, pre: Preprocess, *, device: torch.device, amp: bool, batch_size: int,
+             workers: int, info: DistInfo = DistInfo()) -> dict:
+    """Top-1 (and top-5 with >= 5 classes) of ``net`` with the cleaner removed; unreadable images left out."""
+    net.eval()
+    images = IndexImages(index, eval_transform(pre), image_size=pre.image_size, min_size=pre.resize)
+    shard = torch.utils.data.Subset(images, range(info.rank, len(images), info.world_size))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    labels = torch.from_numpy(index.labels)
+    k = min(5, len(index.classes))
+    counts = torch.zeros(3, dtype=torch.float64)
+    for rows, x, codes, _ in loader:
+        ok = codes == 0
+        if not ok.any():
+            continue
+        x = x[ok].to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            logits = net(x).float().cpu()
+        y = labels[rows[ok]]
+        top = logits.topk(k, dim=1).indices
+        counts += torch.tensor([float((top[:, 0] == y).sum()), float((top == y[:, None]).any(1).sum()), len(y)],
+                               dtype=torch.float64)
+    if info.enabled:
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    seen = max(float(counts[2]), 1.0)
+    out = {"test_top1": float(counts[0]) / seen, "test_images": int(counts[2])}
+    if len(index.classes) >= 5:
+        out["test_top5"] = float(counts[1]) / seen
+    return out
+
+
+def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndarray, seconds: float,
+             replaced: int) -> dict:
+    m: dict = {"history": history, "seconds": seconds, "train_images": len(train), "images_replaced": replaced,
+               "phases": [{"name": p.name, "epochs": p.epochs, "split": p.split} for p in plan(cfg)],
+               "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
+                         "realized_rate": float((given != train.labels).mean())}}
+    tested = [h for h in history if "test_top1" in h]
+    if tested:
+        m["test_accuracy"] = tested[-1]["test_top1"]
+        if "test_top5" in tested[-1]:
+            m["test_top5"] = tested[-1]["test_top5"]
+        best = max(tested, key=lambda h: h["test_top1"])
+        m["best_test_accuracy"], m["best_epoch"] = best["test_top1"], best["epoch"]
+    return m
