@@ -38,6 +38,7 @@ fashion-mnist:
 # Stage 1 on Fashion-MNIST with ImageNet-trained EfficientNet-Lite0 at 96 px:
 # a seeded 10,000-image training subset and 2,000 test images. Stage 2: the
 # head at 40% uniform label flips, baseline vs MetaCleaner, in one sweep.
+# Stage 3: a short finetune from the MetaCleaner head, then predict on test images.
 demo: $(STAMP) fashion-mnist
 	$(BIN)/mcpipe extract --out $(DEMO)/features --set data.source=fashion-mnist --set data.root=$(FMNIST) \
 	  --set extract.backbone=efficientnet_lite0 --set extract.image_size=96 \
@@ -50,6 +51,17 @@ demo: $(STAMP) fashion-mnist
 	@echo "== stage 2: 40% of the training labels flipped at random; softmax baseline (N = 1) vs MetaCleaner (N = 4)"
 	$(BIN)/mcpipe sweep --features $(DEMO)/features --out $(DEMO)/noise40 --log-level warning \
 	  --set noise.kind=symmetric --set noise.rate=0.4 --set 'sweep.cleaner.subset_size=[1, 4]'
+	@echo "== stage 3: a short end-to-end finetune (320 images, 96 px, CPU) from the N = 4 head, then predict"
+	$(BIN)/mcpipe finetune --head $(DEMO)/noise40/001-subset_size=4 --out $(DEMO)/finetune --overwrite \
+	  --log-level warning --set data.source=fashion-mnist --set data.root=$(FMNIST) --set data.limit=320 \
+	  --set extract.backbone=efficientnet_lite0 --set extract.image_size=96 \
+	  --set noise.kind=symmetric --set noise.rate=0.4 --set finetune.epochs=1 --set finetune.batch_size=40
+	$(BIN)/python -c "from mcpipe.config import DataConfig; from mcpipe.extract.sources.registry import load_index; \
+	  import pathlib; d = pathlib.Path('$(DEMO)/images'); d.mkdir(parents=True, exist_ok=True); \
+	  ix = load_index(DataConfig(source='fashion-mnist', root='$(FMNIST)', limit=6, subset='first'), 'test'); \
+	  [ix.load(i).save(d / f'{i}-{ix.classes[ix.labels[i]]}.png') for i in range(len(ix))]"
+	$(BIN)/mcpipe predict --model $(DEMO)/finetune --out $(DEMO)/predictions.csv --top-k 3 $(DEMO)/images
+	cat $(DEMO)/predictions.csv
 
 clean-demo:
 	rm -rf $(DEMO)

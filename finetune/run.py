@@ -101,7 +101,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
     given = train.labels.copy() if cfg.noise.kind == "none" else noise_from_config(train.labels, len(train.classes),
                                                                                    cfg.noise)
     test = load_index(cfg.data, f.test_split) if f.test_split in splits else None
-    if test is None and info.is_main:
+    if test is None and f.test_split and info.is_main:
         log.warning("no %r split: test accuracy will not be measured", f.test_split)
     clean = load_index(cfg.data, f.clean_split) if f.clean_split else None
     for other in (test, clean):
