@@ -55,7 +55,8 @@ demo: $(STAMP) fashion-mnist
 	$(BIN)/mcpipe finetune --head $(DEMO)/noise40/001-subset_size=4 --out $(DEMO)/finetune --overwrite \
 	  --log-level warning --set data.source=fashion-mnist --set data.root=$(FMNIST) --set data.limit=320 \
 	  --set extract.backbone=efficientnet_lite0 --set extract.image_size=96 \
-	  --set noise.kind=symmetric --set noise.rate=0.4 --set finetune.epochs=1 --set finetune.batch_size=40
+	  --set noise.kind=symmetric --set noise.rate=0.4 --set finetune.epochs=1 --set finetune.batch_size=40 \
+	  --set finetune.lr=0.001 --set finetune.backbone_lr=0.0001
 	$(BIN)/python -c "from mcpipe.config import DataConfig; from mcpipe.extract.sources.registry import load_index; \
 	  import pathlib; d = pathlib.Path('$(DEMO)/images'); d.mkdir(parents=True, exist_ok=True); \
 	  ix = load_index(DataConfig(source='fashion-mnist', root='$(FMNIST)', limit=6, subset='first'), 'test'); \

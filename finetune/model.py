@@ -20,8 +20,9 @@ from mcpipe.extract.backbones import Backbone
 
 
 class Net(nn.Module):
-    def __init__(self, backbone: Backbone, head: Head):
+    def __init__(self, backbone: Backbone, head: Head, *, freeze_bn: bool = True):
         super().__init__()
+        self.freeze_bn = freeze_bn
         if backbone.feature_dim != head.feature_dim:
             raise ValueError(f"backbone features are {backbone.feature_dim}-d, the head takes {head.feature_dim}")
         self.backbone = backbone
@@ -43,10 +44,14 @@ class Net(nn.Module):
         """Freeze (no gradients, batch-norm statistics fixed) or release the backbone."""
         for p in self.backbone.parameters():
             p.requires_grad_(trainable)
-        self.backbone.train(trainable and self.training)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> "Net":
         super().train(mode)
         if mode and not any(p.requires_grad for p in self.backbone.parameters()):
             self.backbone.eval()  # a frozen backbone keeps its batch-norm statistics
+        elif mode and self.freeze_bn:  # running statistics stay those the head's features were extracted with
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self

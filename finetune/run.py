@@ -112,7 +112,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
     pre = preprocess_for(cfg.extract.backbone, cfg.extract.image_size, cfg.extract.resize)
     head = _load_head(head_run, cfg, backbone.feature_dim, train.classes) if head_run else _new_head(
         cfg, backbone.feature_dim, len(train.classes))
-    net = Net(backbone, head).to(device)
+    net = Net(backbone, head, freeze_bn=f.freeze_bn).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     amp = f.amp == "bf16" or (f.amp == "auto" and device.type == "cuda")

@@ -215,6 +215,9 @@ class FinetuneConfig:
     """Split evaluated after every epoch, cleaner removed; empty or absent = no evaluation."""
     workers: int = 2
     """DataLoader processes decoding images (0 = in the training process)."""
+    freeze_bn: bool = True
+    """Keep the backbone's batch-norm statistics fixed (those the head's features were extracted with); false =
+    update them from every batch."""
     amp: Literal["auto", "bf16", "none"] = "auto"
     """Mixed precision: auto = bf16 autocast on CUDA, float32 on CPU."""
     seed: int = 0
