@@ -36,6 +36,8 @@ LogOpt = typer.Option("info", "--log-level", help="debug, info, warning or error
 FeaturesOpt = typer.Option(None, "--features", "-f", help="Folder with train.h5 (and test.h5); default: config key store.dir.")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run in --out.")
+OverwriteRunOpt = typer.Option(False, "--overwrite", help="Replace a run already in --out.")
 
 
 def _setup_logging(level: str) -> None:
@@ -111,8 +113,8 @@ def train_head(
     set_: Optional[list[str]] = SetOpt,
     features: Optional[Path] = FeaturesOpt,
     out: Path = typer.Option(Path("runs/head"), "--out", "-o", help="Run folder to write."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    resume: bool = ResumeOpt,
+    overwrite: bool = OverwriteRunOpt,
     device: Optional[str] = DeviceOpt,
     progress: bool = ProgressOpt,
     log_level: str = LogOpt,
@@ -175,8 +177,8 @@ def finetune(
     set_: Optional[list[str]] = SetOpt,
     head: Optional[Path] = typer.Option(None, "--head", help="A train-head run (or its head.pt) to start the cleaner and classifier from."),
     out: Path = typer.Option(Path("runs/finetune"), "--out", "-o", help="Run folder to write."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    resume: bool = ResumeOpt,
+    overwrite: bool = OverwriteRunOpt,
     device: Optional[str] = DeviceOpt,
     progress: bool = ProgressOpt,
     log_level: str = LogOpt,
