@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
 
 def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     """Share of ``pred == labels``; (M,) each."""
     return float((pred == labels).mean()) if len(labels) else float("nan")
+
+
+def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts: row = true class, column = predicted class."""
+    return confusion_matrix(labels, pred, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def detection(clean_score: np.ndarray, given: np.ndarray, clean: np.ndarray) -> dict[str, float] | None:

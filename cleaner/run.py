@@ -5,7 +5,8 @@ store); ``train_head`` trains one configuration into a run folder, so
 ``mcpipe sweep`` can call it many times on what was loaded once.
 
 Run folder: ``config.toml``, ``checkpoint.pt`` (every epoch, atomic),
-``head.pt``, ``metrics.json``, ``scores.csv``.
+``head.pt``, ``metrics.json``, ``scores.csv`` (training images, most suspect
+first) and ``confusion.csv`` (test split, when there is one).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from mcpipe.cleaner import knn
-from mcpipe.cleaner.metrics import accuracy, detection
+from mcpipe.cleaner.metrics import accuracy, confusion, detection
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.noise import noise_from_config
 from mcpipe.cleaner.sampler import SubsetSampler
@@ -31,15 +32,17 @@ from mcpipe.cleaner.train import alpha_scores, make_optimizer, predict, set_accu
 from mcpipe.config import Config, to_toml
 from mcpipe.devices import resolve_device
 from mcpipe.errors import DataError
+from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
-from mcpipe.rundir import save_atomic, start_run_dir
+from mcpipe.rundir import save_atomic, start_run_dir, write_confusion
 from mcpipe.store.reader import FeatureStore, open_store, read_features
 
 log = logging.getLogger(__name__)
 
 HEAD_FORMAT = "mcpipe-head"
 RUN_SECTIONS = ("noise", "cleaner", "train")
-_RUN_FILES = ("config.toml", "checkpoint.pt", "head.pt", "metrics.json", "scores.csv")
+_CHECKPOINT_KEYS = {"head", "optimizer", "scheduler", "epoch", "history", "config"}
+_RUN_FILES = ("config.toml", "checkpoint.pt", "head.pt", "metrics.json", "scores.csv", "confusion.csv")
 
 
 @dataclass
@@ -165,11 +168,7 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
     history: list[dict] = []
     first_epoch = 0
     if resume:
-        ckpt = torch.load(out / "checkpoint.pt", map_location=prep.device, weights_only=True)
-        head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        history, first_epoch = ckpt["history"], ckpt["epoch"] + 1
+        history, first_epoch = _resume(out / "checkpoint.pt", prep.device, head, optimizer, scheduler)
         log.info("resuming %s after epoch %d", out, first_epoch)
     given_t = torch.from_numpy(given).to(prep.device)
     per_epoch = len(sampler) * max(1, t.batch_size // n) * n
@@ -199,6 +198,25 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
     return metrics
 
 
+def _resume(path: Path, device: torch.device, head: Head, optimizer, scheduler) -> tuple[list[dict], int]:
+    """Load the checkpoint at ``path`` into ``head``, ``optimizer`` and ``scheduler``; (history, next epoch).
+
+    DataError for a file that is unreadable, not a train-head checkpoint, or of a head
+    that does not fit these features (another dimension or class count)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or pickled objects weights_only refuses
+        raise DataError(f"--resume: {path} cannot be read: {load_problem(exc)}") from None
+    if not isinstance(ckpt, dict) or not _CHECKPOINT_KEYS <= ckpt.keys():
+        raise DataError(f"--resume: {path} is not an mcpipe train-head checkpoint "
+                        f"(expected the keys {', '.join(sorted(_CHECKPOINT_KEYS))})")
+    load_state_checked(head, ckpt["head"], what=f"--resume: {path}",
+                       hint="it was trained on other features; resume on the store it started from, or --overwrite")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    return ckpt["history"], ckpt["epoch"] + 1
+
+
 def _finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarray, clean: np.ndarray, graph,
             history: list[dict]) -> dict:
     store = prep.train
@@ -212,9 +230,13 @@ def _finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarra
     }
     metrics: dict = {"history": history, "train_images": int(len(given)),
                      "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
-                               "realized_rate": float((given != store.labels).mean())}}
+                               "realized_rate": float((given != store.labels).mean())},
+                     "features": str(prep.features_dir.resolve())}
     if prep.test is not None:
-        metrics["test_accuracy"] = accuracy(predict(head, prep.test_x)[0], prep.test.labels)
+        test_pred = predict(head, prep.test_x)[0]
+        metrics["test_accuracy"] = accuracy(test_pred, prep.test.labels)
+        write_confusion(confusion(test_pred, prep.test.labels, store.num_classes), list(store.classes),
+                        out / "confusion.csv")
         metrics["test_images"] = int(len(prep.test.labels))
         if n > 1:
             metrics["set_accuracy"] = set_accuracy(head, prep.test_x, prep.test.labels, subset_size=n,

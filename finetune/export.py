@@ -20,6 +20,7 @@ from mcpipe.errors import DataError
 from mcpipe.extract.backbones import build_backbone
 from mcpipe.extract.preprocess import Preprocess
 from mcpipe.finetune.model import Net
+from mcpipe.loading import load_problem
 from mcpipe.rundir import save_atomic, write_json_atomic
 
 MODEL_FORMAT = "mcpipe-model"
@@ -59,7 +60,7 @@ def load_model(run: str | Path, device: torch.device | str = "cpu") -> tuple[Net
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or pickled objects weights_only refuses
-        raise DataError(f"{weights_path} cannot be loaded as a plain state_dict: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"{weights_path} cannot be loaded as a plain state_dict: {load_problem(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DataError(f"{weights_path} is not a state_dict of tensors")
     try:
@@ -68,5 +69,5 @@ def load_model(run: str | Path, device: torch.device | str = "cpu") -> tuple[Net
         net.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise DataError(f"{run}: model.json and model.pt do not describe one network: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{load_problem(exc)}") from None
     return net.to(device).eval(), meta

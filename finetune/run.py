@@ -15,7 +15,8 @@ Under ``torchrun`` every process trains a DistributedDataParallel replica on
 its own batches (disjoint subsets) and evaluates a shard of the test split;
 only rank 0 writes.
 
-Run folder: ``config.toml``, ``checkpoint.pt``, ``metrics.json``, ``model.pt``, ``model.json``.
+Run folder: ``config.toml``, ``checkpoint.pt``, ``metrics.json``, ``model.pt``, ``model.json``,
+``confusion.csv`` (test split at the last evaluated epoch).
 """
 
 from __future__ import annotations
@@ -48,14 +49,17 @@ from mcpipe.extract.sources.registry import available_splits, load_index
 from mcpipe.finetune.data import ShuffledBatches, SubsetBatches, TrainImages, collate
 from mcpipe.finetune.export import export_model
 from mcpipe.finetune.model import Net
+from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
-from mcpipe.rundir import check_run_dir, save_atomic, start_run_dir, write_json_atomic
+from mcpipe.rundir import check_run_dir, save_atomic, start_run_dir, write_confusion, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("config.toml", "checkpoint.pt", "metrics.json", "model.pt", "model.json")
+RUN_FILES = ("config.toml", "checkpoint.pt", "metrics.json", "model.pt", "model.json", "confusion.csv")
 SECTIONS = ("data", "extract", "noise", "cleaner", "finetune")
 CHECKPOINT_FORMAT = "mcpipe-finetune-checkpoint"
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "phase", "history", "seconds", "replaced", "config"}
+HEAD_KEYS = {"state_dict", "head", "classes", "feature_dim"}
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,8 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
     barrier(info)
     ckpt = _read_checkpoint(out, device, config_text) if resume else None
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
+        load_state_checked(net, ckpt["model"], what=f"--resume: {out / 'checkpoint.pt'}",
+                           hint="the data set's classes or the backbone changed since; --overwrite to start again")
     history: list[dict] = ckpt["history"] if ckpt else []
     done = ckpt["epoch"] if ckpt else 0
     start = time.perf_counter()
@@ -173,9 +178,11 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
             row = {"epoch": epoch + 1, "phase": phase.name, "loss": stats["loss"],
                    "lr": optimizer.param_groups[-1]["lr"], "backbone_lr": optimizer.param_groups[0]["lr"],
                    "backbone_trained": trainable, "images_per_second": stats["images_per_second"]}
+            confusion = None
             if test is not None:
-                row.update(evaluate(net, test, pre, device=device, amp=amp, batch_size=f.batch_size,
-                                    workers=f.workers, info=info))
+                scores, confusion = evaluate(net, test, pre, device=device, amp=amp, batch_size=f.batch_size,
+                                             workers=f.workers, info=info)
+                row.update(scores)
             history.append(row)
             epoch += 1
             seconds = seconds_before + time.perf_counter() - start
@@ -186,6 +193,8 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
                              "epoch": epoch, "phase": phase.name, "history": history, "seconds": seconds,
                              "replaced": replaced, "config": config_text}, out / "checkpoint.pt")
                 write_json_atomic(metrics, out / "metrics.json")
+                if confusion is not None:
+                    write_confusion(confusion, list(test.classes), out / "confusion.csv")
                 log.info("epoch %d/%d (%s): loss %.4f%s, %.1f img/s", epoch, total_epochs, phase.name, row["loss"],
                          f", test top-1 {row['test_top1']:.4f}" if "test_top1" in row else "",
                          row["images_per_second"])
@@ -216,8 +225,8 @@ def _load_head(run: Path, cfg: Config, feature_dim: int, classes: list[str]) -> 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or pickled objects weights_only refuses
-        raise DataError(f"--head {path} cannot be read as an mcpipe head: {str(exc).splitlines()[0]}") from None
-    if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT:
+        raise DataError(f"--head {path} cannot be read as an mcpipe head: {load_problem(exc)}") from None
+    if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT or not HEAD_KEYS <= saved.keys():
         raise DataError(f"--head {path} is not an mcpipe head (mcpipe train-head writes head.pt)")
     backbone = (saved.get("provenance") or {}).get("backbone")
     checks = (("backbone", backbone, cfg.extract.backbone), ("feature dimension", saved["feature_dim"], feature_dim),
@@ -226,8 +235,11 @@ def _load_head(run: Path, cfg: Config, feature_dim: int, classes: list[str]) -> 
         if theirs != ours:
             raise DataError(f"--head {path} does not fit: its {what} is {theirs!s:.120} but this finetune's is "
                             f"{ours!s:.120} (extract.backbone / the data set)")
-    head = Head(**saved["head"])
-    head.load_state_dict(saved["state_dict"])
+    try:
+        head = Head(**saved["head"])
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"--head {path} holds an invalid head description: {exc}") from None
+    load_state_checked(head, saved["state_dict"], what=f"--head {path}")
     if head.cleaner.subset_size != cfg.cleaner.subset_size:
         log.warning("the head was trained with N = %d subsets; finetune uses N = %d from it, not "
                     "cleaner.subset_size = %d", head.cleaner.subset_size, head.cleaner.subset_size,
@@ -248,8 +260,8 @@ def _read_checkpoint(out: Path, device: torch.device, config_text: str) -> dict:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise DataError(f"--resume: {path} cannot be read: {str(exc).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"--resume: {path} cannot be read: {load_problem(exc)}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not CHECKPOINT_KEYS <= ckpt.keys():
         raise DataError(f"--resume: {path} is not an mcpipe finetune checkpoint")
     if ckpt["config"] != config_text:
         raise ConfigError(f"--resume: the config differs from the one {out} was started with")
@@ -295,15 +307,19 @@ def _train_epoch(model: torch.nn.Module, net: Net, loader: DataLoader, labels: t
 
 @torch.inference_mode()
 def evaluate(net: Net, index: SplitIndex, pre: Preprocess, *, device: torch.device, amp: bool, batch_size: int,
-             workers: int, info: DistInfo = DistInfo()) -> dict:
-    """Top-1 (and top-5 with >= 5 classes) of ``net`` with the cleaner removed; unreadable images left out."""
+             workers: int, info: DistInfo = DistInfo()) -> tuple[dict, np.ndarray]:
+    """Top-1 (and top-5 with >= 5 classes) of ``net`` with the cleaner removed; unreadable images left out.
+
+    Returns ({"test_top1", "test_images"[, "test_top5"]}, (C, C) int64 confusion counts).
+    """
     net.eval()
     images = IndexImages(index, eval_transform(pre), image_size=pre.image_size, min_size=pre.resize)
     shard = torch.utils.data.Subset(images, range(info.rank, len(images), info.world_size))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     labels = torch.from_numpy(index.labels)
     k = min(5, len(index.classes))
-    counts = torch.zeros(3, dtype=torch.float64)
+    c = len(index.classes)
+    counts = torch.zeros(3 + c * c, dtype=torch.float64)  # top-1, top-5, seen, then the confusion matrix
     for rows, x, codes, _ in loader:
         ok = codes == 0
         if not ok.any():
@@ -315,8 +331,9 @@ def evaluate(net: Net, index: SplitIndex, pre: Preprocess, *, device: torch.devi
             logits = net(x).float().cpu()
         y = labels[rows[ok]]
         top = logits.topk(k, dim=1).indices
-        counts += torch.tensor([float((top[:, 0] == y).sum()), float((top == y[:, None]).any(1).sum()), len(y)],
-                               dtype=torch.float64)
+        counts[:3] += torch.tensor([float((top[:, 0] == y).sum()), float((top == y[:, None]).any(1).sum()),
+                                    len(y)], dtype=torch.float64)
+        counts[3:] += torch.bincount(y * c + top[:, 0], minlength=c * c).double()
     if info.enabled:
         counts = counts.to(device)
         dist.all_reduce(counts)
@@ -325,7 +342,7 @@ def evaluate(net: Net, index: SplitIndex, pre: Preprocess, *, device: torch.devi
     out = {"test_top1": float(counts[0]) / seen, "test_images": int(counts[2])}
     if len(index.classes) >= 5:
         out["test_top5"] = float(counts[1]) / seen
-    return out
+    return out, counts[3:].round().long().reshape(c, c).numpy()
 
 
 def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndarray, seconds: float,

@@ -233,6 +233,28 @@ def predict(
 
 @app.command()
 @guarded
+def report(
+    run: Path = typer.Argument(..., help="A train-head or finetune run folder, or a sweep folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for index.html and the PNGs; default RUN/report."),
+    features: Optional[Path] = FeaturesOpt,
+    suspects: int = typer.Option(24, "--suspects", help="Most suspect training images on the contact sheet (0 = none)."),
+    log_level: str = LogOpt,
+) -> None:
+    """Figures and an index.html: accuracy against noise, clean-score histograms, curves, confusion, suspects."""
+    _setup_logging(log_level)
+    from mcpipe.report.run import report as run_report
+
+    if suspects < 0:
+        raise ConfigError(f"--suspects {suspects} is invalid: expected an integer >= 0")
+    w = run_report(run, out=out, features=features, suspects=suspects)
+    typer.echo(w.summary)
+    for note in w.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"{len(w.figures)} figures -> open {w.index}")
+
+
+@app.command()
+@guarded
 def inspect(
     store: Path = typer.Argument(..., help="A store file, e.g. features/train.h5."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),

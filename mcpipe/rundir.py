@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mcpipe.errors import ConfigError, DataError
@@ -48,7 +51,37 @@ def save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write to a temporary name, then rename: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2), path)
+
+
+def write_confusion(counts: np.ndarray, classes: list[str], path: Path) -> None:
+    """A (C, C) confusion matrix as CSV (rows true class, columns predicted class), written atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["true \\ predicted", *classes])
+    for name, row in zip(classes, np.asarray(counts)):
+        w.writerow([name, *(int(v) for v in row)])
+    write_text_atomic(buf.getvalue(), path)
+
+
+def read_confusion(path: Path) -> tuple[np.ndarray, list[str]]:
+    """What :func:`write_confusion` wrote: ((C, C) int64 counts, class names)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        classes = rows[0][1:]
+        counts = np.array([[int(v) for v in r[1:]] for r in rows[1:]], dtype=np.int64)
+    except (OSError, IndexError, ValueError) as exc:
+        raise DataError(f"{path} is not a confusion matrix written by mcpipe: {exc}") from None
+    if counts.shape != (len(classes), len(classes)):
+        raise DataError(f"{path} is not a confusion matrix written by mcpipe: shape {counts.shape} "
+                        f"for {len(classes)} classes")
+    return counts, classes

@@ -9,6 +9,7 @@ dtypes, labels outside the class list, NaN/inf features, or unfinished rows
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,14 @@ from mcpipe.errors import DataError
 from mcpipe.store.schema import FEATURE_DTYPES, REQUIRED_ATTRS, REQUIRED_DATASETS, SCHEMA_VERSION, SKIP_REASONS
 
 _SCAN_ROWS = 16384  # rows per block when loading / scanning features (64 MiB at 2048-d float16)
+# HDF5's "unable to lock file" / "file locking ..." -- a word of its own: a truncated file's
+# message holds "sblock->base_addr", which is no lock at all
+_LOCK_WORD = re.compile(r"\block", re.IGNORECASE)
+
+
+def is_lock_error(exc: OSError) -> bool:
+    """Whether h5py failed to open a file because another process holds its lock."""
+    return isinstance(exc, BlockingIOError) or bool(_LOCK_WORD.search(str(exc)))
 
 
 @dataclass
@@ -109,7 +118,7 @@ def open_store(path: str | Path, *, allow_incomplete: bool = False, load_feature
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        if "lock" in str(exc).lower():
+        if is_lock_error(exc):
             raise _refuse(path, "is being written by another process; wait for it to finish") from None
         raise _refuse(path, f"cannot be read: {exc}") from None
     with f:

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from mcpipe.errors import DataError
+from mcpipe.store.reader import is_lock_error
 from mcpipe.store.schema import FEATURE_DTYPES, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _open_h5(path: Path, mode: str) -> h5py.File:
         raise DataError(f"store {path} is open in another process (another mcpipe extract?); wait for it or "
                         "choose another --out") from None
     except OSError as exc:
-        if "lock" in str(exc).lower():
+        if is_lock_error(exc):
             raise DataError(f"store {path} is locked by another process (another mcpipe extract?); wait for it "
                             "or choose another --out") from None
         raise DataError(f"{path} exists but is not a readable feature store ({exc}); "

@@ -19,6 +19,8 @@ Paths are relative to ``root`` and may not leave it. Labels are class names.
 Without ``classes.txt`` the classes are the sorted union of the labels and
 clean labels of every table in ``root``; when all of them are integers
 (``0``, ``7``, ...) they are indices and the classes are ``"0"`` ... ``"max"``.
+A mix of integers and names (``0``, ``1``, ``2.5``) is refused as a typo: a
+``classes.txt`` says which labels are class names.
 An empty ``clean_label`` cell means unknown.
 """
 
@@ -117,11 +119,31 @@ def infer_classes(tables: list[Table]) -> tuple[list[str], dict[str, int]]:
     """(classes, label -> index): the sorted union of the labels, or, when every
     label is an integer, "0".."max" with each label its own index."""
     names = {x for t in tables for x in (*t.labels, *t.clean) if x}
-    if names and all(_INTEGER.fullmatch(x) for x in names):
+    integers = {x for x in names if _INTEGER.fullmatch(x)}
+    if integers and integers != names:
+        raise _mixed_labels(tables, integers)
+    if names and integers == names:
         lookup = {x: int(x) for x in names}
         return [str(i) for i in range(max(lookup.values()) + 1)], lookup
     classes = sorted(names)
     return classes, {name: k for k, name in enumerate(classes)}
+
+
+def _mixed_labels(tables: list[Table], integers: set[str]) -> DataError:
+    """The error for labels that are partly integers, partly names: it names the first label of the fewer kind."""
+    names = {x for t in tables for x in (*t.labels, *t.clean) if x} - integers
+    odd_are_names = len(names) <= len(integers)
+    example = min(integers if odd_are_names else names)
+    for table in tables:
+        for i, line in enumerate(table.lines):
+            for column, value in (("label", table.labels[i]), ("clean_label", table.clean[i])):
+                if value and (value in names) == odd_are_names:
+                    kind, expected = (("is not an integer", "an integer class index") if odd_are_names else
+                                      ("is an integer", "a class name"))
+                    return DataError(f"{table.path} line {line}: {column} {value!r} {kind} but other labels are "
+                                     f"like {example!r}; expected {expected}, or the class names listed in "
+                                     f"{table.path.parent / CLASSES_FILE}")
+    raise AssertionError("no mixed label found")
 
 
 def _indices(table: Table, column: str, lookup: dict[str, int]) -> np.ndarray:

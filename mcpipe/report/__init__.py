@@ -1,0 +1,1 @@
+"""mcpipe report: figures and an HTML page for runs and sweeps."""

@@ -1,0 +1,271 @@
+"""``mcpipe report RUN|SWEEP``: figures and an ``index.html`` for a head run, a finetune run or a sweep.
+
+A run gets: training curves, the score histograms of known-clean vs
+known-flipped images (head runs), the test confusion matrix, and a contact
+sheet of the most suspect training images read back from the image source
+the store points to. A sweep gets the accuracy / AUROC against noise rate
+figure (one line per subset size N), its results table, and a section with
+the figures of every run. Written to ``RUN/report/`` unless ``--out``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mcpipe.errors import DataError
+from mcpipe.report import figures
+from mcpipe.report.collect import Run, Sweep, is_sweep, read_run, read_scores, read_sweep
+from mcpipe.report.images import load_images
+from mcpipe.report.page import Section, Table, write_page
+
+log = logging.getLogger(__name__)
+
+SCORE_NAMES = {"alpha": "clean score α (MetaCleaner)", "classifier": "classifier score p(given label | image)"}
+
+
+@dataclass
+class Written:
+    """What ``report`` wrote, and the lines to print."""
+
+    index: Path
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    summary: str = ""
+
+
+def report(path: str | Path, *, out: str | Path | None = None, features: str | Path | None = None,
+           suspects: int = 24) -> Written:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist: give a run folder (train-head, finetune --out) or a sweep folder")
+    out = Path(out) if out is not None else path / "report"
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder")
+    features = Path(features) if features is not None else None
+    if is_sweep(path):
+        sweep = read_sweep(path)  # read everything before writing anything
+        out.mkdir(parents=True, exist_ok=True)
+        return _sweep_report(sweep, out, features, suspects)
+    run = read_run(path)
+    out.mkdir(parents=True, exist_ok=True)
+    written = Written(out / "index.html")
+    section = _run_section(run, out, "", features, suspects, written)
+    write_page(written.index, f"mcpipe report: {run.name} ({run.kind} run)", [section], source=path.resolve())
+    written.summary = _run_summary(run)
+    return written
+
+
+# ---- one run ---------------------------------------------------------------------------------------------
+
+
+def _run_section(run: Run, out: Path, rel: str, features: Path | None, suspects: int, written: Written) -> Section:
+    """Draw a run's figures into ``out`` (page-relative prefix ``rel``) and describe them."""
+    s = Section(f"{run.name}", facts=_facts(run), config_text=run.config_text)
+
+    def add(png: Path, caption: str) -> None:
+        written.figures.append(png)
+        s.figures.append((f"{rel}{png.name}", caption))
+
+    def note(text: str) -> None:
+        s.notes.append(text)
+        written.notes.append(f"{run.name}: {text}")
+
+    if run.metrics["history"]:
+        add(figures.training_curves(run.metrics["history"], out / "training_curves.png"),
+            "Training loss (on the noisy labels) and test accuracy per epoch.")
+    else:
+        note("no epoch finished: no training curves")
+    if run.scores is not None:
+        _scores_figures(run, out, features, suspects, add, note)
+    elif run.kind == "finetune":
+        note("finetune runs keep no per-image scores: the score histograms and the suspect images come from "
+             "train-head runs (mcpipe report on the head run given to --head)")
+    else:
+        note("no scores.csv in the run folder: no score histograms or suspect images")
+    if run.confusion is not None:
+        counts, classes = run.confusion
+        add(figures.confusion(counts, classes, out / "confusion.png"),
+            "Test split: rows are true classes, columns predicted classes; colour = share of the true class.")
+    else:
+        note("no confusion.csv: the run had no test split (or was made by an mcpipe without it)")
+    return s
+
+
+def _facts(run: Run) -> list[tuple[str, str]]:
+    m = run.metrics
+    facts = [("kind", run.kind)]
+    if run.subset_size is not None:
+        facts.append(("subset size N", f"{run.subset_size}" + (" (softmax baseline)" if run.subset_size == 1 else "")))
+    noise = m.get("noise", {})
+    if noise:
+        facts.append(("label noise", f"{noise.get('kind')} at rate {noise.get('rate')} "
+                                     f"(realised {noise.get('realized_rate', float('nan')):.3f})"))
+    for key, name in (("train_images", "training images"), ("test_images", "test images")):
+        if key in m:
+            facts.append((name, f"{m[key]:,}"))
+    if m.get("test_accuracy") is not None:
+        facts.append(("test top-1 accuracy", f"{m['test_accuracy']:.4f}"))
+    if m.get("test_top5") is not None:
+        facts.append(("test top-5 accuracy", f"{m['test_top5']:.4f}"))
+    for name, d in m.get("detection", {}).items():
+        facts.append((f"noise detection by {name} score", f"AUROC {d['auroc']:.3f}, average precision "
+                                                         f"{d['average_precision']:.3f} ({d['flipped']:,} flipped "
+                                                         f"of {d['known']:,} known)"))
+    if "seconds" in m:
+        facts.append(("training time", f"{m['seconds']:.1f} s"))
+    return facts
+
+
+def _scores_figures(run: Run, out: Path, features: Path | None, suspects: int, add, note) -> None:  # noqa: ANN001
+    scores = read_scores(run.scores)
+    given = np.array(scores.given)
+    clean = np.array(scores.clean)
+    known = clean != ""
+    flipped = known & (given != clean)
+    panels = []
+    detection = run.metrics.get("detection", {})
+    names = ["alpha", "classifier"] if (run.subset_size or 1) > 1 else ["classifier"]
+    if known.any() and flipped.any() and not flipped[known].all():
+        for name in names:
+            values = scores.alpha if name == "alpha" else scores.classifier
+            panels.append(figures.ScorePanel(SCORE_NAMES[name], "score (higher = label looks right)",
+                                             values[known & ~flipped], values[flipped],
+                                             detection.get(name, {}).get("auroc")))
+        add(figures.score_histograms(panels, out / "scores.png"),
+            "How well each score separates images whose given label is known right from those known flipped.")
+        if "alpha" not in names:
+            note("N = 1 (softmax baseline): no cleaner, so no α; only the classifier score is shown")
+    else:
+        note("no image has both a known-clean and a known-flipped label: no score histograms "
+             "(train with noise.kind other than none, or on a data set with verified labels)")
+    _suspects(run, scores, known, flipped, out, features, suspects, add, note)
+
+
+def _suspects(run: Run, scores, known, flipped, out: Path, features: Path | None, k: int, add, note) -> None:  # noqa: ANN001
+    if k <= 0:
+        return
+    features = features or Path(run.metrics.get("features") or run.config.get("store", {}).get("dir", "features"))
+    ids = scores.ids[:k]
+    pixels, why = load_images(features / "train.h5", ids)
+    if why is not None:
+        note(f"suspect images not shown: {why}")
+        return
+    tiles = []
+    for i, px in enumerate(pixels):
+        if px is None:
+            continue
+        lines = [f"#{i + 1} {ids[i]}"[:28], f"given: {scores.given[i]}"[:28], f"model: {scores.predicted[i]}"[:28]]
+        if known[i]:
+            lines.append(f"true: {scores.clean[i]}"[:28])
+        tiles.append(figures.Tile(px, tuple(lines), bool(flipped[i]) if known[i] else None))
+    ranked_by = run.metrics.get("ranked_by", "classifier")
+    shown = [i for i, px in enumerate(pixels) if px is not None]
+    title = f"The {len(tiles)} most suspect training images (lowest {ranked_by} score first)"
+    if known[shown].any():
+        title += (f": {int(flipped[shown].sum())} of {int(known[shown].sum())} with a known true label were flipped"
+                  "\n(red frame = given label known wrong, green = known right)")
+    add(figures.contact_sheet(tiles, out / "suspects.png", title=title),
+        f"Most suspect training images, read from the images the store {features / 'train.h5'} was extracted from.")
+    if len(tiles) < len(ids):
+        note(f"{len(ids) - len(tiles)} of the {len(ids)} suspect images could not be read and are left out")
+
+
+def _run_summary(run: Run) -> str:
+    m = run.metrics
+    parts = [f"{run.name}: {run.kind} run"]
+    if m.get("test_accuracy") is not None:
+        parts.append(f"test top-1 {m['test_accuracy']:.4f}")
+    if run.auroc is not None:
+        parts.append(f"noise-detection AUROC {run.auroc:.3f} ({m.get('ranked_by')} score)")
+    return ", ".join(parts)
+
+
+# ---- a sweep ---------------------------------------------------------------------------------------------
+
+
+def _value(run: Run, key: str):  # noqa: ANN202
+    section, name = key.split(".", 1)
+    return run.config.get(section, {}).get(name)
+
+
+def _series_name(key: str, value) -> str:  # noqa: ANN001
+    if key == "cleaner.subset_size":
+        return f"N = {value}" + (" (softmax baseline)" if value == 1 else " (MetaCleaner)")
+    return f"{key.split('.', 1)[1]} = {value}"
+
+
+def _axes(sweep: Sweep) -> tuple[str | None, list[str]]:
+    """(key on the x axis, keys that tell the lines apart): noise.rate on x when it varies."""
+    keys = list(dict.fromkeys([*sweep.keys, "noise.rate", "cleaner.subset_size"]))
+    varying = [k for k in keys if len({repr(_value(r, k)) for r in sweep.runs}) > 1]
+    if not varying:
+        return None, []
+    x = "noise.rate" if "noise.rate" in varying else next((k for k in varying if k != "cleaner.subset_size"),
+                                                          varying[0])
+    return x, [k for k in varying if k != x]
+
+
+def _series(run: Run, keys: list[str]) -> str:
+    return ", ".join(_series_name(k, _value(run, k)) for k in keys) or "all runs"
+
+
+def pivot(sweep: Sweep) -> Table:
+    """Test accuracy (noise-detection AUROC) with one row per x value and one column per line."""
+    x, keys = _axes(sweep)
+    if x is None:
+        return Table(["run", "test accuracy (AUROC)"], [[r.name, _cell(r)] for r in sweep.runs])
+    columns = list(dict.fromkeys(_series(r, keys) for r in sweep.runs))
+    xs = sorted({_value(r, x) for r in sweep.runs}, key=lambda v: (isinstance(v, str), v))
+    rows = []
+    for v in xs:
+        cells = {_series(r, keys): _cell(r) for r in sweep.runs if _value(r, x) == v}
+        rows.append([str(v), *(cells.get(c, "-") for c in columns)])
+    return Table([x, *columns], rows)
+
+
+def _cell(run: Run) -> str:
+    acc = "-" if run.test_accuracy is None else f"{run.test_accuracy:.4f}"
+    return acc + ("" if run.auroc is None else f" ({run.auroc:.3f})")
+
+
+def format_pivot(t: Table) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in t.rows)) for i, h in enumerate(t.header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(t.header), *(line(r) for r in t.rows)])
+
+
+def _sweep_report(sweep: Sweep, out: Path, features: Path | None, suspects: int) -> Written:
+    written = Written(out / "index.html")
+    x, keys = _axes(sweep)
+    table = pivot(sweep)
+    ranked = {r.metrics.get("ranked_by") for r in sweep.runs} - {None}
+    overview = Section(f"Sweep over {', '.join(sweep.keys) or 'one point'}: {len(sweep.runs)} runs",
+                       tables=[table], config_text=sweep.config_text)
+    overview.facts.append(("cells", "test top-1 accuracy (noise-detection AUROC of the "
+                                    f"{'/'.join(sorted(ranked)) or 'classifier'} score)"))
+    if x is not None:
+        numeric = all(isinstance(_value(r, x), (int, float)) for r in sweep.runs)
+        if numeric:
+            points = [figures.Point(float(_value(r, x)), _series(r, keys), r.test_accuracy, r.auroc)
+                      for r in sweep.runs]
+            label = "training labels flipped (%)" if x == "noise.rate" else x
+            png = figures.accuracy_vs_noise(points, out / "accuracy_vs_noise.png", x_label=label,
+                                            percent_x=x == "noise.rate")
+            written.figures.append(png)
+            overview.figures.append((png.name, f"Test accuracy and noise-detection AUROC against {x}, "
+                                               "one line per " + (", ".join(keys) or "sweep")))
+        else:
+            overview.notes.append(f"{x} is not numeric: no line figure, see the table")
+    sections = [overview]
+    for run in sweep.runs:
+        run_out = out / run.name
+        run_out.mkdir(exist_ok=True)
+        sections.append(_run_section(run, run_out, f"{run.name}/", features, suspects, written))
+    write_page(written.index, f"mcpipe report: sweep {sweep.path.name}", sections, source=sweep.path.resolve())
+    written.summary = (f"test top-1 accuracy (noise-detection AUROC) by {x or 'run'}"
+                       + (f" and {', '.join(keys)}" if keys else "") + "\n" + format_pivot(table))
+    return written
