@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import io
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from mcpipe.devices import resolve_device
 from mcpipe.errors import DataError
 from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
-from mcpipe.rundir import save_atomic, start_run_dir, write_confusion
+from mcpipe.rundir import save_atomic, start_run_dir, write_confusion, write_json_atomic, write_text_atomic
 from mcpipe.store.reader import FeatureStore, open_store, read_features
 
 log = logging.getLogger(__name__)
@@ -162,7 +161,7 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
         log.warning("%d classes have fewer than N = %d images and are drawn with replacement: %s",
                     len(sampler.small_classes), n, names)
     head = _new_head(cfg, prep)
-    start_run_dir(out, config_text, _RUN_FILES, resume=resume, overwrite=overwrite)  # inputs are valid: now touch --out
+    run_lock = start_run_dir(out, config_text, _RUN_FILES, resume=resume, overwrite=overwrite)  # inputs are valid
     t = cfg.train
     optimizer, scheduler = make_optimizer(head, t)
     history: list[dict] = []
@@ -194,7 +193,8 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
                      row["images_per_second"])
     metrics = _finish(cfg, prep, head, out, given, clean, graph, history)
     metrics["seconds"] = time.perf_counter() - start
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_json_atomic(metrics, out / "metrics.json")
+    run_lock.release()
     return metrics
 
 
@@ -259,15 +259,14 @@ def _write_scores(path: Path, store: FeatureStore, given, clean, pred, scores: d
     """One row per training image, most suspect (lowest ``rank`` score) first."""
     order = np.argsort(scores[rank], kind="stable")
     names = store.classes
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["rank", "id", "given_label", "predicted_label", "clean_label", "alpha_score",
-                    "classifier_score", "knn_score"])
-        for r, i in enumerate(order, 1):
-            w.writerow([r, store.ids[i], names[given[i]], names[pred[i]], names[clean[i]] if clean[i] >= 0 else "",
-                        f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", f"{scores['knn'][i]:.4f}"])
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["rank", "id", "given_label", "predicted_label", "clean_label", "alpha_score",
+                "classifier_score", "knn_score"])
+    for r, i in enumerate(order, 1):
+        w.writerow([r, store.ids[i], names[given[i]], names[pred[i]], names[clean[i]] if clean[i] >= 0 else "",
+                    f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", f"{scores['knn'][i]:.4f}"])
+    write_text_atomic(buf.getvalue(), path)  # a full disk or read-only folder: one line naming the file
 
 
 def run(cfg: Config, *, features: str | Path, out: str | Path, resume: bool = False, overwrite: bool = False,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 import mcpipe
 from mcpipe.config import Config, to_toml
 from mcpipe.devices import resolve_device
-from mcpipe.errors import DataError
+from mcpipe.errors import DataError, write_error
 from mcpipe.extract import distributed
 from mcpipe.extract.backbones import Backbone, build_backbone, optimize_for_inference
 from mcpipe.extract.data import BlockSampler, IndexImages
@@ -226,7 +226,10 @@ def run(cfg: Config, *, out: Path | None = None, overwrite: bool = False, progre
             for index in indexes:
                 results.append(extract_split(ex, index, spec_for, out=out, info=info, overwrite=overwrite))
         if info.is_main:
-            (out / "config.toml").write_text(to_toml(cfg, ("data", "extract", "store")), encoding="utf-8")
+            try:
+                (out / "config.toml").write_text(to_toml(cfg, ("data", "extract", "store")), encoding="utf-8")
+            except OSError as exc:
+                raise write_error(out / "config.toml", exc, then="the stores are complete") from None
         return results
     finally:
         distributed.shutdown(info)

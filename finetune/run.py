@@ -121,8 +121,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
         net = net.to(memory_format=torch.channels_last)
     amp = f.amp == "bf16" or (f.amp == "auto" and device.type == "cuda")
 
-    if info.is_main:
-        start_run_dir(out, config_text, RUN_FILES, resume=resume, overwrite=overwrite)
+    run_lock = start_run_dir(out, config_text, RUN_FILES, resume=resume, overwrite=overwrite) if info.is_main else None
     barrier(info)
     ckpt = _read_checkpoint(out, device, config_text) if resume else None
     if ckpt is not None:
@@ -205,6 +204,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
                      classes=train.classes, pre=pre, provenance=backbone.provenance,
                      metrics={k: metrics[k] for k in ("test_accuracy", "test_top5") if k in metrics})
         write_json_atomic(metrics, out / "metrics.json")
+        run_lock.release()
     barrier(info)
     return metrics
 

@@ -1,4 +1,9 @@
-"""Run folders shared by train-head and finetune: refuse to clobber, resume only the same config, write atomically."""
+"""Run folders shared by train-head and finetune: refuse to clobber, resume only the same config, write atomically.
+
+One process writes a run folder at a time: ``start_run_dir`` returns the lock on
+``RUN/.lock`` (see ``mcpipe.locks``), to hold while writing. Writes that fail (a
+full disk, a read-only folder) are one-line DataErrors naming the file.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcpipe.errors import ConfigError, DataError
+from mcpipe.errors import ConfigError, DataError, write_error
+from mcpipe.locks import OutputLock, acquire, refuse_if_locked
+
+_WRITER = "mcpipe train-head, finetune or sweep"
+_KEPT = "the previous version, if any, is kept"
 
 
 def check_run_dir(out: Path, config_text: str, files: tuple[str, ...], *, resume: bool, overwrite: bool) -> None:
     """Refuse, touching nothing: a file as ``out``; ``--resume`` without a checkpoint or with another config;
-    a folder already holding a run (any of ``files`` besides config.toml) without ``--overwrite``."""
+    a folder already holding a run (any of ``files`` besides config.toml) without ``--overwrite``, or one that
+    another process is writing."""
+    refuse_if_locked(out / ".lock", what=f"run folder {out}", writer=_WRITER)
+    _check(out, config_text, files, resume=resume, overwrite=overwrite)
+
+
+def _check(out: Path, config_text: str, files: tuple[str, ...], *, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a run folder")
     if resume:
@@ -33,29 +48,57 @@ def check_run_dir(out: Path, config_text: str, files: tuple[str, ...], *, resume
                         "--overwrite to replace it")
 
 
-def start_run_dir(out: Path, config_text: str, files: tuple[str, ...], *, resume: bool, overwrite: bool) -> None:
-    """``check_run_dir``, then (unless resuming) clear ``files`` and write ``config.toml``."""
+def start_run_dir(out: Path, config_text: str, files: tuple[str, ...], *, resume: bool,
+                  overwrite: bool) -> OutputLock:
+    """Lock ``out`` and ``check_run_dir``, then (unless resuming) clear ``files`` and write ``config.toml``.
+
+    Returns the lock: hold it while writing the run (``release()`` at the end; it goes with the process)."""
     check_run_dir(out, config_text, files, resume=resume, overwrite=overwrite)
-    if resume:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        (out / name).unlink(missing_ok=True)
-    (out / "config.toml").write_text(config_text, encoding="utf-8")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(f"run folder {out}", exc, action="create") from None
+    lock = acquire(out / ".lock", what=f"run folder {out}", writer=_WRITER)
+    try:
+        _check(out, config_text, files, resume=resume, overwrite=overwrite)  # again, now that it is ours
+        for stale in out.glob(".*.tmp-*"):  # temporary files of a writer that was killed
+            stale.unlink(missing_ok=True)
+        if not resume:
+            for name in files:
+                (out / name).unlink(missing_ok=True)
+            write_text_atomic(config_text, out / "config.toml")
+    except OSError as exc:
+        lock.release()
+        raise write_error(f"run folder {out}", exc) from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temporary name, then rename: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: a failed write is an OSError with its errno
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports some failed writes as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc, then=_KEPT) from None
 
 
 def write_text_atomic(text: str, path: Path) -> None:
     """Write to a temporary name, then rename: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc, then=_KEPT) from None
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:

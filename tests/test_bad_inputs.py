@@ -8,7 +8,7 @@ command in-process (typer's ``CliRunner``, stderr apart from stdout) and checks:
    substrings (the offending file, key or value, and a word of what was expected);
 3. no traceback and no uncaught exception;
 4. no file that existed before the call (inputs, earlier runs, stores) changed
-   in bytes or mtime, and nothing new appeared except kNN caches.
+   in bytes or mtime, and nothing new appeared (kNN caches and lock files aside).
 
 Bad images are not refusals: ``mcpipe extract`` and ``mcpipe predict`` convert
 or skip them and say so (``IMAGES``, at the end).
@@ -16,12 +16,14 @@ or skip them and say so (``IMAGES``, at the end).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
 import shutil
 import struct
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +35,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fixtures_data import make_imagefolder, make_manifest, write_lines
+from fixtures_data import make_imagefolder, make_manifest
 from mcpipe.cleaner.model import Head
 from mcpipe.cli import app
 from mcpipe.config import load_config, to_toml
@@ -41,6 +43,7 @@ from mcpipe.extract.backbones import build_backbone
 from mcpipe.extract.preprocess import preprocess_for
 from mcpipe.finetune.export import export_model
 from mcpipe.finetune.model import Net
+from mcpipe.store.reader import open_store
 from mcpipe.store.synthetic import write_synthetic_store
 
 TINY = ("extract.backbone=resnet18", "extract.weights=none", "extract.image_size=32", "extract.batch_size=4",
@@ -286,7 +289,8 @@ def _(tmp, shared):
 
 @case("data-root-missing", 1, "data.root", "nowhere", "not a folder")
 def _(tmp, shared):
-    return ["extract", "--out", str(tmp / "out"), *sets(*TINY, "data.source=imagefolder", f"data.root={tmp / 'nowhere'}")]
+    return ["extract", "--out", str(tmp / "out"),
+            *sets(*TINY, "data.source=imagefolder", f"data.root={tmp / 'nowhere'}")]
 
 
 @case("data-set-empty", 1, "imagefolder split 'train'", "has no images")
@@ -653,15 +657,17 @@ def _(tmp, shared):
 
 # --------------------------------------------------------------------------- running a case
 
-CACHES = (".knn-k",)  # derived caches a command may add beside a store it reads
+def _bookkeeping(name: str) -> bool:
+    """kNN caches a command may add beside a store it reads; lock files (``.lock``, ``.<name>.lock``)."""
+    return ".knn-k" in name or (name.startswith(".") and name.endswith(".lock"))
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[str, int]]:
-    """path -> (sha256, mtime_ns) of every file under ``roots``."""
+    """path -> (sha256, mtime_ns) of every file under ``roots`` but bookkeeping files."""
     files = {}
     for root in roots:
         for p in sorted(root.rglob("*")):
-            if p.is_file() and not any(c in p.name for c in CACHES):
+            if p.is_file() and not _bookkeeping(p.name):
                 files[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
     return files
 
@@ -678,7 +684,6 @@ def test_refused_with_one_line(build, code, expect, shared, tmp_path, monkeypatc
     assert "Traceback" not in res.output
     assert res.exit_code == code, res.output
     lines = res.stderr.strip().splitlines()
-    print("MSG", lines)  # TEMP
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     for text in expect:
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
@@ -708,6 +713,7 @@ def test_every_torch_load_is_weights_only():
                 call = text[start:text.index(")", start) + 1]
                 calls.append((path.name, call))
                 assert "weights_only=True" in call, f"{path}: {call}"
+            assert "allow_pickle=True" not in text, path
     assert len(calls) >= 4, calls  # extract weights, head, finetune checkpoint, model, train-head checkpoint
 
 
@@ -758,8 +764,9 @@ def bad_image_runs(tmp_path_factory):
     extracted = invoke("extract", "--no-progress", "--out", str(root / "feats"),
                        *sets(*TINY, "data.source=imagefolder", f"data.root={data}"))
     inspected = invoke("inspect", str(root / "feats" / "train.h5"))
-    predicted = invoke("predict", "--no-progress", "--device", "cpu", "--batch-size", "4",
-                       "--model", str(make_model(root / "model", ["c0", "c1"])), "--out", str(root / "pred.csv"), str(data))
+    model = make_model(root / "model", ["c0", "c1"])
+    predicted = invoke("predict", "--no-progress", "--device", "cpu", "--batch-size", "4", "--model", str(model),
+                       "--out", str(root / "pred.csv"), str(data))
     return root, extracted, inspected, predicted
 
 
@@ -772,36 +779,30 @@ def _clean_run(res) -> None:
 def test_extract_reports_every_skipped_image(bad_image_runs):
     root, extracted, inspected, _ = bad_image_runs
     _clean_run(extracted)
-    counts = {}
-    for reason in SKIPPED.values():
-        counts[reason] = counts.get(reason, 0) + 1
-    why = ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
-    rows = 4 + len(IMAGES)
-    assert f"train: {rows} rows" in extracted.stdout and "(complete)" in extracted.stdout
+    why = ", ".join(f"{n} {r}" for r, n in sorted(Counter(SKIPPED.values()).items()))
+    assert f"train: {4 + len(IMAGES)} rows" in extracted.stdout and "(complete)" in extracted.stdout
     assert f"{len(SKIPPED)} skipped ({why})" in extracted.stdout, extracted.stdout
     _clean_run(inspected)
     assert f"{len(SKIPPED)} skipped" in inspected.stdout
+    for name, reason in SKIPPED.items():  # inspect names every skipped image and why
+        assert any(reason in line and f"c1/{name}" in line for line in inspected.stdout.splitlines()), name
 
 
 @pytest.mark.parametrize("name", list(IMAGES))
 def test_bad_image_in_extract(bad_image_runs, name):
-    from mcpipe.store.reader import open_store
-
     root, extracted, _, _ = bad_image_runs
     _clean_run(extracted)
     store = open_store(root / "feats" / "train.h5")
     ident = f"c1/{name}"
-    if IMAGES[name][1] == "ok":
-        assert ident in store.ids and (ident, IMAGES[name][1]) not in store.skipped
+    if IMAGES[name][1] == "ok":  # converted to RGB and extracted
+        assert ident in store.ids and ident not in dict(store.skipped)
         assert np.isfinite(store.features[store.ids.index(ident)].astype(np.float32)).all()
-    else:
-        assert (ident, IMAGES[name][1]) in store.skipped and ident not in store.ids
+    else:  # a row recorded as skipped, with its reason, and left out of what the reader returns
+        assert dict(store.skipped)[ident] == IMAGES[name][1] and ident not in store.ids
 
 
 @pytest.mark.parametrize("name", list(IMAGES))
 def test_bad_image_in_predict(bad_image_runs, name):
-    import csv
-
     root, _, _, predicted = bad_image_runs
     _clean_run(predicted)
     assert f"{4 + len(IMAGES) - len(SKIPPED)} of {4 + len(IMAGES)} images classified, {len(SKIPPED)} skipped" \

@@ -97,7 +97,8 @@ def test_unflagged_block_is_redone(tmp_path):
     spec = make_spec(n=8, block_rows=4)
     w = StoreWriter.open(tmp_path / "s.h5", spec, sync_seconds=3600)
     w.write_block(0, block_features(spec, 0), np.zeros(4, np.uint8))
-    w._f.close()  # simulate dying without commit: no flags set
+    w._f.close()  # simulate dying without commit: no flags set, and the lock goes with the process
+    w._lock.release()
     with StoreWriter.open(tmp_path / "s.h5", spec) as w2:
         assert w2.pending_blocks() == [0, 1]
 

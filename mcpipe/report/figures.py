@@ -32,7 +32,8 @@ class Point:
     auroc: float | None
 
 
-def accuracy_vs_noise(points: list[Point], path: Path, *, x_label: str, percent_x: bool) -> Path:
+def accuracy_vs_noise(points: list[Point], path: Path, *, x_label: str, percent_x: bool,
+                      score: str = "classifier") -> Path:
     """Test accuracy and noise-detection AUROC against ``x`` (the paper's Fig. 4), one line per series."""
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     acc_ax, auc_ax = fig.subplots(1, 2)
@@ -43,7 +44,8 @@ def accuracy_vs_noise(points: list[Point], path: Path, *, x_label: str, percent_
         acc_ax.plot(xs, [np.nan if p.accuracy is None else 100 * p.accuracy for p in mine], "o-", label=series)
         auc_ax.plot(xs, [np.nan if p.auroc is None else p.auroc for p in mine], "o-", label=series)
     acc_ax.set(title="Test accuracy", xlabel=x_label, ylabel="test top-1 accuracy (%)")
-    auc_ax.set(title="Finding the flipped labels", xlabel=x_label, ylabel="noise-detection AUROC (0.5 = chance)")
+    auc_ax.set(title=f"Finding the flipped labels by the {score} score", xlabel=x_label,
+               ylabel="noise-detection AUROC (0.5 = chance)")
     for ax in (acc_ax, auc_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

@@ -42,7 +42,8 @@ def _table(t: Table) -> str:
         num = tag == "td" and v[:1].isdigit()
         return f"<{tag}{' class=num' if num else ''}>{html.escape(v)}</{tag}>"
     head = "<tr>" + "".join(cell(h, "th") for h in t.header) + "</tr>" if t.header else ""
-    body = "".join("<tr>" + "".join(cell(v, "td") for v in r) + "</tr>" for r in t.rows)
+    body = "".join("<tr>" + "".join(cell(v, "th" if t.header is None and i == 0 else "td") for i, v in enumerate(r))
+                   + "</tr>" for r in t.rows)
     return f"<table>{head}{body}</table>"
 
 

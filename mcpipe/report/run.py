@@ -254,7 +254,7 @@ def _sweep_report(sweep: Sweep, out: Path, features: Path | None, suspects: int)
                       for r in sweep.runs]
             label = "training labels flipped (%)" if x == "noise.rate" else x
             png = figures.accuracy_vs_noise(points, out / "accuracy_vs_noise.png", x_label=label,
-                                            percent_x=x == "noise.rate")
+                                            percent_x=x == "noise.rate", score="/".join(sorted(ranked)) or "classifier")
             written.figures.append(png)
             overview.figures.append((png.name, f"Test accuracy and noise-detection AUROC against {x}, "
                                                "one line per " + (", ".join(keys) or "sweep")))
