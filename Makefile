@@ -61,7 +61,7 @@ demo: $(STAMP) fashion-mnist
 	$(BIN)/mcpipe finetune --head '$(DEMO_HEAD)' --out $(DEMO)/finetune --overwrite \
 	  --log-level warning --set data.source=fashion-mnist --set data.root=$(FMNIST) --set data.limit=320 \
 	  --set extract.backbone=efficientnet_lite0 --set extract.image_size=96 \
-	  --set noise.kind=symmetric --set noise.rate=0.4 --set finetune.epochs=1 --set finetune.batch_size=40 \
+	  --set noise.kind=symmetric --set noise.rate=0.4 --set finetune.epochs=2 --set finetune.batch_size=40 \
 	  --set finetune.lr=0.001 --set finetune.backbone_lr=0.0001
 	$(BIN)/mcpipe report $(DEMO)/finetune
 	$(BIN)/python -c "from mcpipe.config import DataConfig; from mcpipe.extract.sources.registry import load_index; \

@@ -110,9 +110,9 @@ def training_curves(history: list[dict], path: Path) -> Path:
             top5 = [100 * h.get("test_top5", np.nan) for h in tested]
             acc_ax.plot(at, top5, style.replace("o", "s") + "-", color="#9c36b5", label=f"top-5 (last {top5[-1]:.2f}%)")
         best = max(range(len(top1)), key=top1.__getitem__)
-        acc_ax.plot([at[best]], [top1[best]], "*", color="black", markersize=11,
+        acc_ax.plot([at[best]], [top1[best]], "*", markerfacecolor="none", markeredgecolor="black", markersize=16,
                     label=f"best top-1 {top1[best]:.2f}% (epoch {at[best]})")
-        acc_ax.legend(fontsize="small", loc="lower right")
+        acc_ax.legend(fontsize="small", loc="best")
     else:
         acc_ax.text(0.5, 0.5, "no test split: accuracy not measured", ha="center", va="center",
                     transform=acc_ax.transAxes)
@@ -120,7 +120,11 @@ def training_curves(history: list[dict], path: Path) -> Path:
     phases = [h.get("phase") for h in history]
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        if len(epochs) <= 20:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(set(phases) - {None}) > 1:
             _shade_phases(ax, epochs, phases)
     return _save(fig, path)
@@ -136,8 +140,8 @@ def _shade_phases(ax, epochs: list[int], phases: list[str]) -> None:  # noqa: AN
     for k, (first, last, name) in enumerate(spans):
         if k % 2:
             ax.axvspan(first - 0.5, last + 0.5, color="#adb5bd", alpha=0.2)
-        ax.text((first + last) / 2, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                fontsize="x-small")
+        ax.text((first + last) / 2, 0.98, name, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                fontsize="small", color="#495057")
 
 
 def confusion(counts: np.ndarray, classes: list[str], path: Path) -> Path:

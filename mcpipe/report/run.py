@@ -90,9 +90,25 @@ def _run_section(run: Run, out: Path, rel: str, features: Path | None, suspects:
         counts, classes = run.confusion
         add(figures.confusion(counts, classes, out / "confusion.png"),
             "Test split: rows are true classes, columns predicted classes; colour = share of the true class.")
+        s.tables.append(confused_pairs(counts, classes))
     else:
         note("no confusion.csv: the run had no test split (or was made by an mcpipe without it)")
     return s
+
+
+def confused_pairs(counts: np.ndarray, classes: list[str], top: int = 10) -> Table:
+    """The ``top`` most frequent test errors (true class -> predicted class), most frequent first."""
+    errors = np.array(counts, dtype=np.int64)
+    np.fill_diagonal(errors, 0)
+    order = np.argsort(-errors, axis=None, kind="stable")[:top]
+    rows = []
+    for flat in order:
+        i, j = divmod(int(flat), len(classes))
+        if errors[i, j] == 0:
+            break
+        total = max(int(counts[i].sum()), 1)
+        rows.append([classes[i], classes[j], f"{errors[i, j]:,}", f"{100 * errors[i, j] / total:.1f}%"])
+    return Table(["true class", "predicted as", "test images", "share of the true class"], rows)
 
 
 def _facts(run: Run) -> list[tuple[str, str]]:
