@@ -423,22 +423,29 @@ def checkpoint(out: Path) -> dict:
     return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
+def epoch_milestones(rng: random.Random) -> list[int]:
+    """After which of 3 epochs the three kills come: increasing, the last one after the training."""
+    first = rng.randint(1, 2)
+    return [first, rng.randint(first + 1, 3), 3]
+
+
 @pytest.mark.slow
 def test_train_head_killed_at_seeded_points_resumes_to_the_uninterrupted_run(head_feats, tmp_path):
     rng = random.Random(SEED + 1)
     ref = Background(head_cmd(head_feats, tmp_path / "ref"), tmp_path)
     out = tmp_path / "run"
     points = []
-    for _ in range(3):
+    for target in epoch_milestones(rng):
         resume = (out / "checkpoint.pt").exists()
         done = checkpoint(out)["epoch"] + 1 if resume else 0  # epochs finished
-        # milestones of this run: "resuming ..." when it resumes, then one "epoch k/3" per epoch left;
-        # after the last one it still scores every image and writes head.pt, metrics.json, scores.csv
-        lines = (3 - done) + resume
-        count, delay = rng.randint(1, max(1, lines)), rng.uniform(0.0, 0.1)
-        kill9_at(head_cmd(head_feats, out, *["--resume"] * resume), tmp_path,
-                 pattern=r"^(resuming|epoch \d+/3)", count=count, delay=delay)
-        points.append(f"line {count} + {delay * 1000:.0f} ms after epoch {done}")
+        epoch = max(target, done + 1)
+        # "epoch k/3" follows the checkpoint of epoch k; after the last one the run still scores every
+        # image and writes head.pt, metrics.json, scores.csv -- what a run resumed after it only does
+        pattern = rf"^epoch {epoch}/3" if epoch <= 3 else r"^resuming"
+        delay = rng.uniform(0.0, 0.1)
+        kill9_at(head_cmd(head_feats, out, *["--resume"] * resume), tmp_path, pattern=pattern, count=1,
+                 delay=delay)
+        points.append(f"{pattern[1:]!r} + {delay * 1000:.0f} ms")
     print("train-head kill points:", "; ".join(points))
     res = run(head_cmd(head_feats, out, "--resume"), tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -504,17 +511,16 @@ def test_finetune_killed_at_seeded_points_resumes_to_the_uninterrupted_run(work,
     ref = Background(finetune_cmd(work, tmp_path / "ref"), work)
     out = tmp_path / "run"
     points = []
-    for _ in range(3):
+    for target in epoch_milestones(rng):
         resume = (out / "checkpoint.pt").exists()
         done = checkpoint(out)["epoch"] if resume else 0  # epochs finished
-        # milestones: the backbone's "random initialisation" warning, then one "epoch k/3" per epoch left;
-        # one with an epoch after it, so that the kill comes before the run ends (with all done: the export)
-        lines = 1 + (3 - done)
-        count = rng.randint(1, max(1, lines - 1))
-        delay = rng.uniform(0.0, 0.2 if done < 3 else 0.05)
-        kill9_at(finetune_cmd(work, out, *["--resume"] * resume), work,
-                 pattern=r"random initialisation|^epoch \d+/3", count=count, delay=delay)
-        points.append(f"line {count} + {delay * 1000:.0f} ms after epoch {done}")
+        epoch = max(target, done + 1)
+        # "epoch k/3" follows the checkpoint of epoch k (epochs 1-2 cleaner, 3 unload); after the last one
+        # the run exports model.pt -- what a run resumed after it only does, after the backbone's warning
+        pattern = rf"^epoch {epoch}/3" if epoch <= 3 else "random initialisation"
+        delay = rng.uniform(0.0, 0.05 if epoch == 3 else 0.2)
+        kill9_at(finetune_cmd(work, out, *["--resume"] * resume), work, pattern=pattern, count=1, delay=delay)
+        points.append(f"{pattern.lstrip('^')!r} + {delay * 1000:.0f} ms")
     print("finetune kill points:", "; ".join(points))
     res = run(finetune_cmd(work, out, *["--resume"] * (out / "checkpoint.pt").exists()), work)
     assert res.returncode == 0, res.stderr[-3000:]
