@@ -31,10 +31,6 @@ class OutputLock:
         self.path = path
         self._fd = fd
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the last descriptor drops the flock

@@ -93,10 +93,12 @@ class Background:
 
     def __init__(self, cmd: list[str], cwd: Path):
         self.proc = start(cmd, cwd)
+        self.stderr = ""
 
     def wait(self) -> None:
-        out, err = self.proc.communicate(timeout=TIMEOUT)
-        assert self.proc.returncode == 0, err[-3000:]
+        if self.proc.returncode is None:
+            self.stderr = self.proc.communicate(timeout=TIMEOUT)[1]
+        assert self.proc.returncode == 0, self.stderr[-3000:]
 
 
 def the_error(res: subprocess.CompletedProcess) -> str:
