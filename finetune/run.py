@@ -153,6 +153,9 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
             if epoch < done:
                 epoch += 1
                 continue
+            # random layers (EfficientNet's drop-connect, dropout) draw from torch's generator: seed it per
+            # (seed, epoch, rank) so a run, and a run resumed at any epoch, gives the same numbers
+            torch.manual_seed(_epoch_seed(f.seed, epoch, info.rank))
             trainable = f.backbone_lr > 0 and not (phase.name == "cleaner" and e < f.freeze_epochs)
             net.set_backbone_trainable(trainable)
             if info.enabled and wrapped_for != trainable:  # DDP holds the parameters that need gradients
@@ -207,6 +210,11 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
         run_lock.release()
     barrier(info)
     return metrics
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A torch seed for one (seed, epoch, rank), independent of how the run got there."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 def _new_head(cfg: Config, feature_dim: int, num_classes: int) -> Head:

@@ -231,3 +231,15 @@ def test_an_unreadable_image_is_replaced_by_one_of_its_class(tmp_path):
     row = index.ids.index("c1/0.png")
     _, asked, read = ds[(0, 0, row)]
     assert asked == row and read != row and index.labels[read] == index.labels[row]
+
+
+def test_runs_with_random_layers_repeat_exactly(data, tmp_path):
+    """EfficientNet-Lite0 drops connections at random while training: two identical runs must still agree."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    extra = ("extract.backbone=efficientnet_lite0", "finetune.freeze_bn=false", "finetune.workers=2")
+    for name in ("a", "b"):
+        res = finetune(data, tmp_path / name, *extra)
+        assert res.exit_code == 0, res.output
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
