@@ -16,19 +16,38 @@ def confusion(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndar
     return confusion_matrix(labels, pred, labels=np.arange(num_classes)).astype(np.int64)
 
 
-def detection(clean_score: np.ndarray, given: np.ndarray, clean: np.ndarray) -> dict[str, float] | None:
-    """How well a clean score finds wrong labels, where the true label is known.
+def label_truth(given: np.ndarray, clean: np.ndarray,
+                verified: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Where it is known whether a given label is right, and where it is known wrong.
+
+    Args:
+        given: (M,) labels as given. clean: (M,) true labels, -1 unknown.
+        verified: (M,) int8 human check of the given label (1 right, 0 wrong, -1 not checked), or None.
+            Used where the true label is unknown (Food-101N: a label checked wrong has no true label).
+
+    Returns (known, wrong), (M,) bool each; ``wrong`` implies ``known``.
+    """
+    known = clean >= 0
+    wrong = known & (given != clean)
+    if verified is not None:
+        checked = ~known & (verified >= 0)
+        known = known | checked
+        wrong = wrong | (checked & (verified == 0))
+    return known, wrong
+
+
+def detection(clean_score: np.ndarray, known: np.ndarray, wrong: np.ndarray) -> dict[str, float] | None:
+    """How well a clean score finds wrong labels, where it is known whether the label is right.
 
     Args:
         clean_score: (M,) higher = the given label looks right.
-        given: (M,) labels as given (noisy). clean: (M,) true labels, -1 unknown.
+        known, wrong: (M,) bool, from :func:`label_truth`.
 
     Returns ``{"auroc", "average_precision", "flipped", "known"}`` with
-    "flipped" (given != clean) the positive class scored by ``-clean_score``,
-    or None when no true label is known or only one class occurs.
+    "flipped" (known wrong) the positive class scored by ``-clean_score``,
+    or None when nothing is known or only one class occurs.
     """
-    known = clean >= 0
-    flipped = given[known] != clean[known]
+    flipped = wrong[known]
     if not known.any() or flipped.all() or not flipped.any():
         return None
     suspicion = -np.asarray(clean_score, dtype=np.float64)[known]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mcpipe.cleaner import knn
-from mcpipe.cleaner.metrics import accuracy, confusion, detection
+from mcpipe.cleaner.metrics import accuracy, confusion, detection, label_truth
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.noise import noise_from_config
 from mcpipe.cleaner.sampler import SubsetSampler
@@ -241,31 +241,35 @@ def _finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarra
         if n > 1:
             metrics["set_accuracy"] = set_accuracy(head, prep.test_x, prep.test.labels, subset_size=n,
                                                    seed=cfg.train.seed)
-    found = {name: detection(s, given, clean) for name, s in scores.items()}
+    # a human check of the given label (Food-101N's verification) counts only for the labels as given
+    known, wrong = label_truth(given, clean, store.verified if cfg.noise.kind == "none" else None)
+    found = {name: detection(s, known, wrong) for name, s in scores.items()}
     metrics["detection"] = {name: d for name, d in found.items() if d is not None}
     rank = cfg.train.rank_by
     if found[rank] is not None:
         metrics["noise_detection_auroc"] = found[rank]["auroc"]
         metrics["noise_detection_ap"] = found[rank]["average_precision"]
     metrics["ranked_by"] = rank
-    _write_scores(out / "scores.csv", store, given, clean, pred, scores, rank)
+    _write_scores(out / "scores.csv", store, given, clean, np.where(known, ~wrong, -1), pred, scores, rank)
     save_atomic({"format": HEAD_FORMAT, "version": 1, "state_dict": head.state_dict(), "head": head.config(),
                   "classes": list(store.classes), "feature_dim": store.feature_dim,
                   "provenance": _provenance(store), "config": to_toml(cfg)}, out / "head.pt")
     return metrics
 
 
-def _write_scores(path: Path, store: FeatureStore, given, clean, pred, scores: dict, rank: str) -> None:
-    """One row per training image, most suspect (lowest ``rank`` score) first."""
+def _write_scores(path: Path, store: FeatureStore, given, clean, correct, pred, scores: dict, rank: str) -> None:
+    """One row per training image, most suspect (lowest ``rank`` score) first.
+
+    ``correct``: (M,) 1 given label known right, 0 known wrong, -1 unknown (written as "")."""
     order = np.argsort(scores[rank], kind="stable")
     names = store.classes
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["rank", "id", "given_label", "predicted_label", "clean_label", "alpha_score",
+    w.writerow(["rank", "id", "given_label", "predicted_label", "clean_label", "given_label_correct", "alpha_score",
                 "classifier_score", "knn_score"])
     for r, i in enumerate(order, 1):
         w.writerow([r, store.ids[i], names[given[i]], names[pred[i]], names[clean[i]] if clean[i] >= 0 else "",
-                    f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", f"{scores['knn'][i]:.4f}"])
+                    "" if correct[i] < 0 else int(correct[i]), f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", f"{scores['knn'][i]:.4f}"])
     write_text_atomic(buf.getvalue(), path)  # a full disk or read-only folder: one line naming the file
 
 

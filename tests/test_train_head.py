@@ -146,3 +146,32 @@ def test_sweep_runs_the_grid_once_loaded(feats, tmp_path):
     assert (out / "results.md").read_text().startswith("| cleaner.subset_size | cleaner.weighting |")
     res = invoke("sweep", "--features", str(feats), "--out", str(tmp_path / "s2"), *sets())
     assert res.exit_code == 2 and "[sweep] is empty" in res.output
+
+
+def test_human_checks_count_where_the_true_label_is_unknown(tmp_path):
+    """Food-101N style: no true labels, but a verification flag (1 right, 0 wrong) on some given labels."""
+    import h5py
+
+    d = tmp_path / "feats"
+    write_synthetic_store(d / "train.h5", 300, 24, 5, seed=2, spread=1.0, split="train")
+    rng = np.random.default_rng(0)
+    with h5py.File(d / "train.h5", "r+") as f:
+        labels = f["labels"][:]
+        wrong = rng.random(300) < 0.3
+        labels[wrong] = (labels[wrong] + 1 + rng.integers(0, 4, wrong.sum())) % 5  # labels made wrong
+        checked = rng.random(300) < 0.5
+        f["labels"][:] = labels
+        f["clean_labels"][:] = -1
+        f.create_dataset("verified", data=np.where(checked, (~wrong).astype(np.int8), -1).astype(np.int8))
+    out = tmp_path / "run"
+    res = invoke("train-head", "--features", str(d), "--out", str(out), *sets("noise.kind=none"))
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["detection"]["classifier"]["known"] == checked.sum()
+    assert m["detection"]["classifier"]["flipped"] == (checked & wrong).sum()
+    assert m["detection"]["classifier"]["auroc"] > 0.6  # the wrong labels are findable (0.5 = chance)
+    rows = {r["id"]: r for r in csv.DictReader(open(out / "scores.csv"))}
+    ids = [f"synthetic/train/{i:07d}" for i in range(300)]
+    assert [rows[i]["given_label_correct"] for i in ids] == ["" if not c else str(int(not w))
+                                                             for c, w in zip(checked, wrong)]
+    assert all(r["clean_label"] == "" for r in rows.values())

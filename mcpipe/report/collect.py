@@ -125,6 +125,8 @@ class Scores:
     given: list[str]
     predicted: list[str]
     clean: list[str]                 # "" where the true label is unknown
+    known: np.ndarray                # (M,) bool: whether the given label is right is known
+    wrong: np.ndarray                # (M,) bool: the given label is known wrong
     alpha: np.ndarray
     classifier: np.ndarray
 
@@ -133,8 +135,15 @@ def read_scores(path: Path) -> Scores:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        return Scores([r["id"] for r in rows], [r["given_label"] for r in rows],
-                      [r["predicted_label"] for r in rows], [r["clean_label"] for r in rows],
+        given = [r["given_label"] for r in rows]
+        clean = [r["clean_label"] for r in rows]
+        if rows and "given_label_correct" in rows[0]:  # also holds human checks where the true label is unknown
+            status = np.array([r["given_label_correct"] for r in rows])
+            known, wrong = status != "", status == "0"
+        else:  # written before mcpipe kept that column
+            known = np.array([c != "" for c in clean], dtype=bool)
+            wrong = known & np.array([g != c for g, c in zip(given, clean)], dtype=bool)
+        return Scores([r["id"] for r in rows], given, [r["predicted_label"] for r in rows], clean, known, wrong,
                       np.array([float(r["alpha_score"]) for r in rows]),
                       np.array([float(r["classifier_score"]) for r in rows]))
     except (OSError, KeyError, ValueError) as exc:

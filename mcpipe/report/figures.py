@@ -81,7 +81,7 @@ def score_histograms(panels: list[ScorePanel], path: Path) -> Path:
         both = np.concatenate([p.clean, p.flipped])
         lo, hi = (float(both.min()), float(both.max())) if len(both) else (0.0, 1.0)
         bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 41)
-        for values, colour, name in ((p.clean, CLEAN, "label clean"), (p.flipped, FLIPPED, "label flipped")):
+        for values, colour, name in ((p.clean, CLEAN, "label known right"), (p.flipped, FLIPPED, "label known wrong")):
             if len(values):
                 ax.hist(values, bins=bins, weights=np.full(len(values), 100 / len(values)), color=colour,
                         alpha=0.55, label=f"{name} ({len(values):,} images)")

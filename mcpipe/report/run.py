@@ -138,10 +138,7 @@ def _facts(run: Run) -> list[tuple[str, str]]:
 
 def _scores_figures(run: Run, out: Path, features: Path | None, suspects: int, add, note) -> None:  # noqa: ANN001
     scores = read_scores(run.scores)
-    given = np.array(scores.given)
-    clean = np.array(scores.clean)
-    known = clean != ""
-    flipped = known & (given != clean)
+    known, flipped = scores.known, scores.wrong
     panels = []
     detection = run.metrics.get("detection", {})
     names = ["alpha", "classifier"] if (run.subset_size or 1) > 1 else ["classifier"]
@@ -175,14 +172,16 @@ def _suspects(run: Run, scores, known, flipped, out: Path, features: Path | None
         if px is None:
             continue
         lines = [f"#{i + 1} {ids[i]}"[:28], f"given: {scores.given[i]}"[:28], f"model: {scores.predicted[i]}"[:28]]
-        if known[i]:
+        if scores.clean[i]:
             lines.append(f"true: {scores.clean[i]}"[:28])
+        elif known[i]:
+            lines.append("checked: " + ("wrong" if flipped[i] else "right"))
         tiles.append(figures.Tile(px, tuple(lines), bool(flipped[i]) if known[i] else None))
     ranked_by = run.metrics.get("ranked_by", "classifier")
     shown = [i for i, px in enumerate(pixels) if px is not None]
     title = f"The {len(tiles)} most suspect training images (lowest {ranked_by} score first)"
     if known[shown].any():
-        title += (f": {int(flipped[shown].sum())} of {int(known[shown].sum())} with a known true label were flipped"
+        title += (f": {int(flipped[shown].sum())} of the {int(known[shown].sum())} whose label is known are wrong"
                   "\n(red frame = given label known wrong, green = known right)")
     add(figures.contact_sheet(tiles, out / "suspects.png", title=title),
         f"Most suspect training images, read from the images the store {features / 'train.h5'} was extracted from.")
