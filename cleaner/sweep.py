@@ -85,10 +85,15 @@ def _write(out: Path, rows: list[dict], keys: list[str]) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def align_columns(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: columns left-aligned to their widest cell, two spaces apart."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), *(line(r) for r in rows)])
+
+
 def format_table(rows: list[dict], keys: list[str]) -> str:
     head = [*keys, "test_acc", "auroc", "seconds"]
     body = [[_fmt(r[k]) for k in keys] + [_fmt(r["test_accuracy"]), _fmt(r["noise_detection_auroc"]),
                                           f"{r['seconds']:.1f}"] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([fmt(head), *(fmt(b) for b in body)])
+    return align_columns(head, body)

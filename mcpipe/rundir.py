@@ -61,7 +61,7 @@ def start_run_dir(out: Path, config_text: str, files: tuple[str, ...], *, resume
     lock = acquire(out / ".lock", what=f"run folder {out}", writer=_WRITER)
     try:
         _check(out, config_text, files, resume=resume, overwrite=overwrite)  # again, now that it is ours
-        for stale in out.glob(".*.tmp-*"):  # temporary files of a writer that was killed
+        for stale in out.glob(_STALE):  # temporary files of a writer that was killed
             stale.unlink(missing_ok=True)
         if not resume:
             for name in files:
@@ -76,9 +76,17 @@ def start_run_dir(out: Path, config_text: str, files: tuple[str, ...], *, resume
     return lock
 
 
+_STALE = ".*.tmp-*"  # what _temporary names look like
+
+
+def _temporary(path: Path) -> Path:
+    """The name ``path`` is written under before the rename (hidden, per process)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temporary name, then rename: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:  # a file object: a failed write is an OSError with its errno
             torch.save(obj, f)
@@ -92,7 +100,7 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 def write_text_atomic(text: str, path: Path) -> None:
     """Write to a temporary name, then rename: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)

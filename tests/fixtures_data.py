@@ -43,6 +43,22 @@ def write_lines(path: Path, lines: Iterable[str]) -> Path:
 # --------------------------------------------------------------------------- imagefolder
 
 
+def make_noisy_colour_images(root: Path, per_class: dict[str, int], *, classes: int = 3, size: int = 24) -> Path:
+    """``root/<split>/c<k>/<i>.png``: a colour per class plus seeded noise (learnable, and every image differs)."""
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        for c in range(classes):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size, size, 3))
+                base[..., c] = 200
+                pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+
 def make_imagefolder(root: Path, *, classes: Sequence[str] = ("cat", "dog"), per_class: int = 2,
                      splits: Sequence[str] = (), size: tuple[int, int] = (16, 12), ext: str = ".png") -> Path:
     """``root/<class>/<class>_<i><ext>`` or, with ``splits``, ``root/<split>/<class>/...``."""

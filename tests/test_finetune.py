@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
+from fixtures_data import make_noisy_colour_images
 from mcpipe.cleaner.sampler import SubsetSampler
 from mcpipe.cli import app
 from mcpipe.extract.preprocess import preprocess_for, train_transform
@@ -28,24 +28,9 @@ runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def make_images(root: Path, *, per_class: dict[str, int], classes: int = 3, size: int = 24) -> Path:
-    """root/<split>/c<k>/<i>.png: a colour per class plus noise (learnable in a few steps)."""
-    rng = np.random.default_rng(0)
-    for split, n in per_class.items():
-        for c in range(classes):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                base = np.zeros((size, size, 3))
-                base[..., c] = 200
-                Image.fromarray(np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)).save(
-                    d / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_images(tmp_path_factory.mktemp("ft") / "data", per_class={"train": 8, "val": 4, "test": 3})
+    return make_noisy_colour_images(tmp_path_factory.mktemp("ft") / "data", {"train": 8, "val": 4, "test": 3})
 
 
 def settings(root: Path, *extra: str) -> list[str]:
@@ -223,7 +208,7 @@ def test_augmentation_depends_on_the_key_only(data):
 
 
 def test_an_unreadable_image_is_replaced_by_one_of_its_class(tmp_path):
-    root = make_images(tmp_path / "d", per_class={"train": 3})
+    root = make_noisy_colour_images(tmp_path / "d", {"train": 3})
     (root / "train" / "c1" / "0.png").write_bytes(b"")
     cfg = load_config(None, ["data.source=imagefolder", f"data.root={root}"])
     index = load_index(cfg.data, "train")

@@ -29,9 +29,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
+from fixtures_data import make_noisy_colour_images
 from mcpipe.cli import app
 from mcpipe.errors import DataError
 from mcpipe.locks import acquire
@@ -126,26 +126,11 @@ def leftovers(folder: Path) -> list[str]:
 # --------------------------------------------------------------------------- data
 
 
-def write_images(root: Path, per_class: dict[str, int], *, classes: int = 3, size: int = 40) -> Path:
-    """root/<split>/c<k>/<i>.png: a colour per class plus noise (learnable, and every image differs)."""
-    rng = np.random.default_rng(0)
-    for split, n in per_class.items():
-        for c in range(classes):
-            folder = root / split / f"c{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                base = np.zeros((size, size, 3))
-                base[..., c] = 200
-                pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupt")
-    write_images(root / "images", {"train": TRAIN_ROWS // 3, "test": TEST_ROWS // 3})
-    write_images(root / "small", {"train": 8, "val": 4, "test": 3}, size=24)
+    make_noisy_colour_images(root / "images", {"train": TRAIN_ROWS // 3, "test": TEST_ROWS // 3}, size=40)
+    make_noisy_colour_images(root / "small", {"train": 8, "val": 4, "test": 3})
     return root
 
 

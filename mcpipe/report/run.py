@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mcpipe.cleaner.sweep import align_columns
 from mcpipe.errors import DataError
 from mcpipe.report import figures
 from mcpipe.report.collect import Run, Sweep, is_sweep, read_run, read_scores, read_sweep
@@ -247,12 +248,6 @@ def _cell(run: Run) -> str:
     return acc + ("" if run.auroc is None else f" ({run.auroc:.3f})")
 
 
-def format_pivot(t: Table) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in t.rows)) for i, h in enumerate(t.header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(t.header), *(line(r) for r in t.rows)])
-
-
 def _sweep_report(sweep: Sweep, out: Path, features: Path | None, suspects: int) -> Written:
     written = Written(out / "index.html")
     x, keys = _axes(sweep)
@@ -281,6 +276,6 @@ def _sweep_report(sweep: Sweep, out: Path, features: Path | None, suspects: int)
         run_out.mkdir(exist_ok=True)
         sections.append(_run_section(run, run_out, f"{run.name}/", features, suspects, written))
     write_page(written.index, f"mcpipe report: sweep {sweep.path.name}", sections, source=sweep.path.resolve())
-    written.summary = (f"test top-1 accuracy (noise-detection AUROC) by {x or 'run'}"
-                       + (f" and {', '.join(keys)}" if keys else "") + "\n" + format_pivot(table))
+    title = f"test top-1 accuracy (noise-detection AUROC) by {x or 'run'}" + (f" and {', '.join(keys)}" if keys else "")
+    written.summary = title + "\n" + align_columns(table.header, table.rows)
     return written
