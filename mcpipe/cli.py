@@ -15,11 +15,38 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from mcpipe.config import Config, load_config, replace
 from mcpipe.errors import ConfigError, MCPipeError
 
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (unknown option, missing argument, bad value) as one line.
+
+    Click would print the usage and a boxed panel; every other mcpipe error is one
+    ``error: ...`` line on stderr, so these are too (exit 2). ``mcpipe`` alone
+    prints the help.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        args = sys.argv[1:] if args is None else list(args)
+        try:
+            code = super().main(args or ["--help"], prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(getattr(exc, "exit_code", 1))
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="mcpipe",
     help="MetaCleaner for noisy-labelled image classification: extract features, train the head, fine-tune.",
     no_args_is_help=True,

@@ -284,6 +284,29 @@ def _(tmp, shared):
                   f"data.root={shared.images}")]
 
 
+# --- command line (click's own usage errors): exit 2, one line too
+
+
+@case("usage-unknown-option", 2, "No such option: --bogus", "see 'mcpipe train-head --help'")
+def _(tmp, shared):
+    return ["train-head", "--bogus", "x", "--features", str(shared.feats), "--out", str(tmp / "r")]
+
+
+@case("usage-unknown-command", 2, "No such command 'train-heads'", "see 'mcpipe --help'")
+def _(tmp, shared):
+    return ["train-heads", "--features", str(shared.feats)]
+
+
+@case("usage-missing-argument", 2, "Missing argument 'run'", "see 'mcpipe report --help'")
+def _(tmp, shared):
+    return ["report"]
+
+
+@case("usage-not-an-integer", 2, "--top-k", "valid integer")
+def _(tmp, shared):
+    return ["predict", str(tmp / "model"), str(shared.root), "--top-k", "many"]
+
+
 # --- data sets: exit 1
 
 
@@ -689,6 +712,12 @@ def test_refused_with_one_line(build, code, expect, shared, tmp_path, monkeypatc
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
     assert res.stdout == ""
     assert snapshot(tmp_path, shared.root) == before, "a refused command changed or added files"
+
+
+def test_no_arguments_prints_the_help():
+    res = CliRunner().invoke(app, [])
+    assert res.exit_code == 0 and "Usage: mcpipe" in res.stdout and "train-head" in res.stdout
+    assert res.stderr == ""
 
 
 def test_overwrite_replaces_an_unreadable_store(shared, tmp_path):

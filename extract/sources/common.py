@@ -16,7 +16,7 @@ def data_root(cfg: DataConfig) -> Path:
     """``cfg.root`` as a Path; DataError when it is not a folder."""
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data.root {root} is not a folder (expected a {cfg.source} data set there)")
+        raise DataError(f"data.root {root} is not a folder (data.source = {cfg.source!r} reads a folder)")
     return root
 
 
