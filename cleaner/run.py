@@ -16,6 +16,7 @@ import dataclasses
 import io
 import logging
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +29,9 @@ from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.noise import noise_from_config
 from mcpipe.cleaner.sampler import SubsetSampler
 from mcpipe.cleaner.train import alpha_scores, make_optimizer, predict, set_accuracy, train_one_epoch
-from mcpipe.config import Config, to_toml
+from mcpipe.config import Config, config_from_dict, to_toml
 from mcpipe.devices import resolve_device
-from mcpipe.errors import DataError
+from mcpipe.errors import ConfigError, DataError
 from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
 from mcpipe.rundir import save_atomic, start_run_dir, write_confusion, write_json_atomic, write_text_atomic
@@ -144,12 +145,29 @@ def _provenance(store: FeatureStore) -> dict:
     return {k: store.attrs.get(k) for k in keys}
 
 
+def run_config_text(cfg: Config, store: FeatureStore, sections: tuple[str, ...] = ("store", *RUN_SECTIONS)) -> str:
+    """A head run's ``config.toml``: ``[data]``/``[extract]`` as the feature store recorded them, then ``sections``.
+
+    train-head reads features, not images, so the data and extract keys of its
+    own config play no part; the store's record says what made the features.
+    """
+    try:
+        recorded = tomllib.loads(str(store.attrs.get("config_toml") or ""))
+        source = to_toml(config_from_dict({k: recorded[k] for k in ("data", "extract") if k in recorded}),
+                         tuple(k for k in ("data", "extract") if k in recorded))
+    except (tomllib.TOMLDecodeError, ConfigError):
+        source = ""
+    note = ("# [data] and [extract]: as recorded by the feature store when it was extracted\n" if source else
+            "# the feature store recorded no [data]/[extract] config\n")
+    return note + source + to_toml(cfg, sections)
+
+
 def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                progress: bool = False) -> dict:
     """Train one configuration into ``out``; returns the metrics (also in ``out/metrics.json``)."""
     out = Path(out)
     store = prep.train
-    config_text = to_toml(cfg, ("data", "extract", "store", *RUN_SECTIONS))
+    config_text = run_config_text(cfg, store)
     start = time.perf_counter()
     given, clean = _noisy_labels(cfg, prep)
     graph = _graph(cfg, prep, given)

@@ -16,8 +16,8 @@ import logging
 import re
 from pathlib import Path
 
-from mcpipe.cleaner.run import RUN_SECTIONS, prepare, train_head
-from mcpipe.config import Config, to_toml, with_overrides
+from mcpipe.cleaner.run import RUN_SECTIONS, prepare, run_config_text, train_head
+from mcpipe.config import Config, with_overrides
 from mcpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,13 @@ def run(cfg: Config, *, features: str | Path, out: str | Path, progress: bool = 
     points = grid_points(cfg)
     prep = prepare(cfg, features)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    (out / "config.toml").write_text(run_config_text(cfg, prep.train, ("store", *RUN_SECTIONS, "sweep")),
+                                     encoding="utf-8")
     rows = []
     for i, point in enumerate(points):
         point_cfg = with_overrides(cfg, point)
         run_dir = out / _slug(i, point)
-        metrics = _finished(run_dir, point_cfg)
+        metrics = _finished(run_dir, run_config_text(point_cfg, prep.train))
         if metrics is None:
             log.info("sweep %d/%d: %s", i + 1, len(points), point)
             metrics = train_head(point_cfg, prep, run_dir, overwrite=True, progress=progress)
@@ -59,10 +60,9 @@ def run(cfg: Config, *, features: str | Path, out: str | Path, progress: bool = 
     return rows
 
 
-def _finished(run_dir: Path, cfg: Config) -> dict | None:
+def _finished(run_dir: Path, config_text: str) -> dict | None:
     try:
-        same = (run_dir / "config.toml").read_text(encoding="utf-8") == to_toml(
-            cfg, ("data", "extract", "store", *RUN_SECTIONS))
+        same = (run_dir / "config.toml").read_text(encoding="utf-8") == config_text
         return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")) if same else None
     except (OSError, ValueError):
         return None

@@ -52,7 +52,6 @@ HEAD_FAST = ("train.epochs=1", "train.batch_size=32", "cleaner.hidden=8", "train
              "cleaner.score_repeats=1", "cleaner.knn_k=3")
 FINETUNE_FAST = ("data.source=imagefolder", *TINY[:3], "finetune.batch_size=6", "finetune.epochs=1",
                  "finetune.workers=0", "finetune.device=cpu", "cleaner.subset_size=2", "cleaner.hidden=8")
-HEAD_SECTIONS = ("data", "extract", "store", "noise", "cleaner", "train")  # what train-head saves as config.toml
 FINETUNE_SECTIONS = ("data", "extract", "noise", "cleaner", "finetune")
 CLASSES = ["c0", "c1", "c2"]
 
@@ -153,10 +152,6 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
-
-def head_config(*items: str) -> str:
-    return to_toml(load_config(None, list(items)), HEAD_SECTIONS)
 
 
 def finetune_keys(root: Path, *extra: str) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,16 @@ def test_report_refuses_what_is_not_a_run(tmp_path, make, message):
     res = invoke("report", str(target))
     assert res.exit_code == 1 and message in res.output
     assert not (tmp_path / "report").exists()
+
+
+def test_run_config_records_what_made_the_features(sweep, data):
+    """train-head reads features: the [data]/[extract] in its config.toml are the store's, not the CLI defaults."""
+    for path in [sweep / "config.toml", *sorted(sweep.glob("*/config.toml"))]:
+        cfg = tomllib.loads(path.read_text())
+        assert cfg["extract"]["backbone"] == "resnet18" and cfg["extract"]["image_size"] == 32, path
+        assert cfg["data"]["root"] == str(data) and cfg["data"]["source"] == "imagefolder", path
+        assert "finetune" not in cfg, path
+    assert "sweep" in tomllib.loads((sweep / "config.toml").read_text())
+    rerun = invoke("sweep", "--features", str(data.parent / "features"), "--out", str(sweep), "--log-level", "info",
+                   "--no-progress", *sets(*HEAD, "sweep.noise.rate=[0.0, 0.4]", "sweep.cleaner.subset_size=[1, 2]"))
+    assert rerun.exit_code == 0 and "sweep 1/4" not in rerun.output, "finished points were retrained"
