@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 from mcpipe.config import Config, load_config, replace
 from mcpipe.errors import ConfigError, MCPipeError
 
+
 class _OneLineUsageErrors(TyperGroup):
     """Usage errors (unknown option, missing argument, bad value) as one line.
 
