@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score
 
 
 def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -36,12 +36,16 @@ def label_truth(given: np.ndarray, clean: np.ndarray,
     return known, wrong
 
 
-def detection(clean_score: np.ndarray, known: np.ndarray, wrong: np.ndarray) -> dict[str, float] | None:
+def detection(clean_score: np.ndarray, known: np.ndarray, wrong: np.ndarray, *,
+              flag: int | None = None) -> dict[str, float] | None:
     """How well a clean score finds wrong labels, where it is known whether the label is right.
 
     Args:
         clean_score: (M,) higher = the given label looks right.
         known, wrong: (M,) bool, from :func:`label_truth`.
+        flag: how many labels the run estimates wrong (e.g. confident learning's count): adds
+            "f1_at_estimate", the F1 of flagging that many lowest-scored images (of all M), as SimiFeat
+            and Docta report detection.
 
     Returns ``{"auroc", "average_precision", "flipped", "known"}`` with
     "flipped" (known wrong) the positive class scored by ``-clean_score``,
@@ -50,10 +54,16 @@ def detection(clean_score: np.ndarray, known: np.ndarray, wrong: np.ndarray) -> 
     flipped = wrong[known]
     if not known.any() or flipped.all() or not flipped.any():
         return None
-    suspicion = -np.asarray(clean_score, dtype=np.float64)[known]
-    return {
+    score = np.asarray(clean_score, dtype=np.float64)
+    suspicion = -score[known]
+    out = {
         "auroc": float(roc_auc_score(flipped, suspicion)),
         "average_precision": float(average_precision_score(flipped, suspicion)),
         "flipped": int(flipped.sum()),
         "known": int(known.sum()),
     }
+    if flag is not None:
+        flagged = np.zeros(len(score), dtype=bool)
+        flagged[np.argsort(score, kind="stable")[:flag]] = True
+        out["f1_at_estimate"] = float(f1_score(flipped, flagged[known], zero_division=0.0))
+    return out

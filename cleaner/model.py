@@ -313,6 +313,8 @@ class Head(nn.Module):
         if y.shape != v.shape[:1]:
             raise ValueError(f"expected one label per subset, shape ({v.shape[0]},), got {tuple(y.shape)}")
         z = self.standardize(v)
+        if v.shape[1] == 1:  # w = 1 exactly: plain softmax, the weighting net would only cost time
+            return F.cross_entropy(self.classifier(z[:, 0]), y), z.new_ones(v.shape[:2])
         log_alpha = self.cleaner.log_weights(z)
         w = normalized(log_alpha)
         if self.cleaner.combine == "hallucinate":

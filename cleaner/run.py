@@ -24,12 +24,15 @@ import numpy as np
 import torch
 
 from mcpipe.cleaner import knn
+from mcpipe.cleaner.auto import Candidate, Search, linear_head, search, train_cleaner
+from mcpipe.cleaner.linear import LinearFits, fit_linear_heads
 from mcpipe.cleaner.metrics import accuracy, confusion, detection, label_truth
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.noise import noise_from_config
-from mcpipe.cleaner.sampler import SubsetSampler
+from mcpipe.cleaner.sampler import OnRows, SubsetSampler
+from mcpipe.cleaner.split import holdout
 from mcpipe.cleaner.train import alpha_scores, make_optimizer, predict, set_accuracy, train_one_epoch
-from mcpipe.config import Config, config_from_dict, to_toml
+from mcpipe.config import Config, config_from_dict, replace, to_toml
 from mcpipe.devices import resolve_device
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.loading import load_problem, load_state_checked
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 HEAD_FORMAT = "mcpipe-head"
 RUN_SECTIONS = ("noise", "cleaner", "train")
+VAL_SPLITS = ("val", "verified_val")  # stores chosen on, when beside train.h5 (imagefolder/Clothing1M, Food-101N)
 _CHECKPOINT_KEYS = {"head", "optimizer", "scheduler", "epoch", "history", "config"}
 _RUN_FILES = ("config.toml", "checkpoint.pt", "head.pt", "metrics.json", "scores.csv", "confusion.csv")
 
@@ -55,6 +59,8 @@ class Prepared:
     device: torch.device
     train_x: torch.Tensor          # (M, D) on the device, store dtype
     test_x: torch.Tensor | None
+    val: FeatureStore | None = None  # val.h5 (or verified_val.h5) beside train.h5: chosen on instead of a hold-out
+    val_x: torch.Tensor | None = None
     graphs: dict = field(default_factory=dict)  # (k, labels hash) -> KnnGraph
     neighbours: dict = field(default_factory=dict)  # k -> (neighbours, similarity), label-independent
     seconds: dict = field(default_factory=dict)  # {"neighbours": s, "load": s} spent by prepare
@@ -81,6 +87,10 @@ def prepare(cfg: Config, features_dir: str | Path) -> Prepared:
         log.warning("no %s: test accuracy will not be measured", features_dir / "test.h5")
     else:
         _check_pair(train, test)
+    val = next((open_store(features_dir / f"{name}.h5") for name in VAL_SPLITS
+                if (features_dir / f"{name}.h5").exists()), None)
+    if val is not None:
+        _check_pair(train, val)
     device = resolve_device(cfg.train.device, key="train.device")
     # the neighbour search reads the file block by block, before the features are loaded:
     # its float16 copy of the store and the features are never in memory together
@@ -91,7 +101,7 @@ def prepare(cfg: Config, features_dir: str | Path) -> Prepared:
     train = dataclasses.replace(train, features=read_features(train))
     to = lambda s: torch.from_numpy(s.features).to(device)  # noqa: E731
     prep = Prepared(features_dir, train, test, device, to(train), to(test) if test is not None else None,
-                    neighbours=found)
+                    val, to(val) if val is not None else None, neighbours=found)
     prep.seconds = {**seconds, "load": time.perf_counter() - start - seconds["neighbours"]}
     return prep
 
@@ -101,7 +111,7 @@ def _noisy_labels(cfg: Config, prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
     store = prep.train
     if cfg.noise.kind == "none":
         return store.labels.copy(), store.clean_labels.copy()
-    noisy = noise_from_config(store.labels, store.num_classes, cfg.noise)
+    noisy = noise_from_config(store.labels, store.num_classes, cfg.noise, features=store.features)
     return noisy, store.labels.copy()  # the original labels become the known clean ones
 
 
@@ -127,16 +137,45 @@ def feature_moments(x: torch.Tensor, *, block: int = 8192) -> tuple[torch.Tensor
     return mean.float(), var.sqrt().float().clamp_min(1e-6)
 
 
-def _new_head(cfg: Config, prep: Prepared) -> Head:
+def _new_head(cfg: Config, prep: Prepared, mean: torch.Tensor | None, std: torch.Tensor | None) -> Head:
     c = cfg.cleaner
-    mean = std = None
-    if cfg.train.standardize:
-        mean, std = feature_moments(prep.train_x)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         head = Head(prep.train.feature_dim, prep.train.num_classes, subset_size=c.subset_size, hidden=c.hidden,
                     weighting=c.weighting, combine=c.combine, mean=mean, std=std)
     return head.to(prep.device)
+
+
+def _search_state(found: Search) -> dict:
+    """The search as a checkpoint: plain tensors and lists (``weights_only`` loading)."""
+    return {"candidates": [c.record() for c in found.candidates], "chosen": found.chosen,
+            "head": found.head.state_dict(), "labels": torch.from_numpy(found.labels),
+            "weights": torch.from_numpy(found.weights), "seconds": found.seconds,
+            "probs": None if found.probs is None else torch.from_numpy(found.probs),
+            "issues": None if found.issues is None else torch.from_numpy(found.issues),
+            "gain": None if found.gain is None else torch.from_numpy(found.gain)}
+
+
+def _read_search(path: Path, device: torch.device, cfg: Config, prep: Prepared, mean, std) -> Search | None:
+    """The finished search of an auto run's checkpoint, or None when it was stopped before the search ended."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or pickled objects weights_only refuses
+        raise DataError(f"--resume: {path} cannot be read: {load_problem(exc)}") from None
+    if not isinstance(ckpt, dict) or "search" not in ckpt:
+        raise DataError(f"--resume: {path} is not the checkpoint of an automatic train-head run (train.auto)")
+    state = ckpt["search"]
+    if state is None:
+        return None
+    candidates = [Candidate(**c) for c in state["candidates"]]
+    chosen = candidates[state["chosen"]]
+    head = _new_head(replace(cfg, "cleaner", subset_size=chosen.subset_size), prep, mean, std)
+    load_state_checked(head, state["head"], what=f"--resume: {path}",
+                       hint="it was trained on other features; resume on the store it started from, or --overwrite")
+    as_np = lambda t: None if t is None else t.cpu().numpy()  # noqa: E731
+    log.info("resuming %s after its search", path.parent)
+    return Search(candidates, state["chosen"], head, as_np(state["labels"]), as_np(state["weights"]),
+                  as_np(state["probs"]), as_np(state["issues"]), as_np(state["gain"]), state["seconds"])
 
 
 def _provenance(store: FeatureStore) -> dict:
@@ -162,24 +201,101 @@ def run_config_text(cfg: Config, store: FeatureStore, sections: tuple[str, ...] 
     return note + source + to_toml(cfg, sections)
 
 
+@dataclass
+class Validation:
+    """The split every choice is made on: hold-out rows of train.h5, or a val.h5 store.
+
+    ``rows``: the hold-out's rows in the training store (None for a val.h5 store); ``x`` (V, D) on the device;
+    ``given`` (V,) labels chosen against; ``clean`` (V,) true labels, -1 unknown (reported, never used)."""
+
+    source: str
+    x: torch.Tensor
+    given: np.ndarray
+    clean: np.ndarray
+    rows: np.ndarray | None = None
+
+
+def _validation(cfg: Config, prep: Prepared, given: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, Validation | None]:
+    """(rows trained on, the validation split or None)."""
+    everything = np.arange(len(given), dtype=np.int64)
+    if prep.val is not None:
+        v = prep.val
+        keep = np.ones(len(v.labels), bool) if v.verified is None else v.verified == 1  # human-checked right
+        x = prep.val_x if keep.all() else prep.val_x[torch.from_numpy(np.flatnonzero(keep)).to(prep.device)]
+        return everything, Validation(v.path.name, x, v.labels[keep], v.clean_labels[keep])
+    if cfg.train.val_fraction == 0:
+        return everything, None
+    fit_rows, val_rows = holdout(given, cfg.train.val_fraction, seed=cfg.train.seed)
+    if len(val_rows) == 0:
+        return everything, None
+    x = prep.train_x[torch.from_numpy(val_rows).to(prep.device)]
+    return fit_rows, Validation(f"hold-out of {cfg.train.val_fraction:g} of train.h5", x, given[val_rows],
+                                clean[val_rows], val_rows)
+
+
+def _sampler(cfg: Config, given: np.ndarray, rows: np.ndarray, graph) -> OnRows:
+    """K x N subsets of the given labels, drawn among ``rows`` (indices into the store)."""
+    local = np.full(len(given), -1, dtype=np.int64)
+    local[rows] = np.arange(len(rows))
+    nb = graph.same_label
+    neighbours = np.where(nb >= 0, local[np.maximum(nb, 0)], -1)[rows]
+    sampler = SubsetSampler(given[rows], subset_size=cfg.cleaner.subset_size, batch_size=cfg.train.batch_size,
+                            mining=cfg.cleaner.mining, neighbours=neighbours,
+                            agreement=knn.agreement(graph, given)[rows], seed=cfg.train.seed)
+    return OnRows(sampler, rows)
+
+
 def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                progress: bool = False) -> dict:
-    """Train one configuration into ``out``; returns the metrics (also in ``out/metrics.json``)."""
+    """Train into ``out`` (the automatic search, or exactly ``cfg`` with ``train.auto = false``); returns the
+    metrics (also in ``out/metrics.json``)."""
     out = Path(out)
     store = prep.train
     config_text = run_config_text(cfg, store)
     start = time.perf_counter()
     given, clean = _noisy_labels(cfg, prep)
     graph = _graph(cfg, prep, given)
-    n = cfg.cleaner.subset_size
-    sampler = SubsetSampler(given, subset_size=n, batch_size=cfg.train.batch_size, mining=cfg.cleaner.mining,
-                            neighbours=graph.same_label, agreement=knn.agreement(graph, given), seed=cfg.train.seed)
-    if sampler.small_classes:
-        names = ", ".join(store.classes[c] for c in sampler.small_classes[:10])
-        log.warning("%d classes have fewer than N = %d images and are drawn with replacement: %s",
-                    len(sampler.small_classes), n, names)
-    head = _new_head(cfg, prep)
+    fit_rows, val = _validation(cfg, prep, given, clean)
+    if cfg.train.auto and val is None:
+        raise ConfigError("train.auto = true chooses on a validation split, and there is none: set "
+                          "train.val_fraction > 0, put a val.h5 beside train.h5, or --set train.auto=false")
+    if not cfg.train.auto:
+        sampler = _sampler(cfg, given, fit_rows, graph)
+        if sampler.small_classes:
+            names = ", ".join(store.classes[c] for c in sampler.small_classes[:10])
+            log.warning("%d classes have fewer than N = %d images and are drawn with replacement: %s",
+                        len(sampler.small_classes), cfg.cleaner.subset_size, names)
+    mean, std = feature_moments(prep.train_x) if cfg.train.standardize else (None, None)
     run_lock = start_run_dir(out, config_text, _RUN_FILES, resume=resume, overwrite=overwrite)  # inputs are valid
+    with progress_bar(progress) as bar:
+        if cfg.train.auto:
+            head, history, found = _auto(cfg, prep, out, config_text, given, fit_rows, val, graph, mean, std,
+                                         resume=resume, bar=bar)
+        else:
+            head, history = _fixed(cfg, prep, out, config_text, given, sampler, val, mean, std, resume=resume,
+                                   bar=bar)
+            found = None
+    metrics = _finish(cfg, prep, head, out, given, clean, graph, history, fit_rows, val, found)
+    metrics["seconds"] = time.perf_counter() - start
+    write_json_atomic(metrics, out / "metrics.json")
+    run_lock.release()
+    return metrics
+
+
+def _epoch_row(prep: Prepared, head: Head, epoch: int, loss: float, lr: float, val: Validation | None,
+               seconds: float, images: int) -> dict:
+    row = {"epoch": epoch + 1, "loss": loss, "lr": lr, "images_per_second": images / max(seconds, 1e-9)}
+    if val is not None:
+        row["val_accuracy"] = accuracy(predict(head, val.x)[0], val.given)
+    if prep.test is not None:
+        row["test_accuracy"] = accuracy(predict(head, prep.test_x)[0], prep.test.labels)
+    return row
+
+
+def _fixed(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.ndarray, sampler: OnRows,
+           val: Validation | None, mean, std, *, resume: bool, bar) -> tuple[Head, list[dict]]:
+    """Exactly ``cfg`` (``train.auto = false``): train the fit rows, a checkpoint every epoch."""
+    head = _new_head(cfg, prep, mean, std)
     t = cfg.train
     optimizer, scheduler = make_optimizer(head, t)
     history: list[dict] = []
@@ -188,32 +304,80 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
         history, first_epoch = _resume(out / "checkpoint.pt", prep.device, head, optimizer, scheduler)
         log.info("resuming %s after epoch %d", out, first_epoch)
     given_t = torch.from_numpy(given).to(prep.device)
+    n = cfg.cleaner.subset_size
     per_epoch = len(sampler) * max(1, t.batch_size // n) * n
-    with progress_bar(progress) as bar:
-        task = bar.add_task("train-head", total=per_epoch * (t.epochs - first_epoch))
-        for epoch in range(first_epoch, t.epochs):
-            bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}")
-            stats = train_one_epoch(head, prep.train_x, given_t, sampler, epoch, optimizer,
-                                    on_batch=lambda k, loss: bar.update(task, advance=k,
-                                                                        description=f"epoch {epoch + 1}/{t.epochs} "
-                                                                                    f"loss {loss:.3f}"))
-            scheduler.step()
-            row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": optimizer.param_groups[0]["lr"],
-                   "images_per_second": stats["images"] / max(stats["seconds"], 1e-9)}
-            if prep.test is not None:
-                row["test_accuracy"] = accuracy(predict(head, prep.test_x)[0], prep.test.labels)
+    task = bar.add_task("train-head", total=per_epoch * (t.epochs - first_epoch))
+    for epoch in range(first_epoch, t.epochs):
+        label = f"epoch {epoch + 1}/{t.epochs}"
+        bar.update(task, description=label)
+        stats = train_one_epoch(head, prep.train_x, given_t, sampler, epoch, optimizer,
+                                on_batch=lambda k, loss: bar.update(task, advance=k,
+                                                                    description=f"{label} loss {loss:.3f}"))
+        scheduler.step()
+        row = _epoch_row(prep, head, epoch, stats["loss"], optimizer.param_groups[0]["lr"], val, stats["seconds"],
+                         stats["images"])
+        history.append(row)
+        save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                     "config": config_text}, out / "checkpoint.pt")
+        log.info("epoch %d/%d: loss %.4f%s%s, %.0f img/s", epoch + 1, t.epochs, row["loss"],
+                 f", validation accuracy {row['val_accuracy']:.4f}" if "val_accuracy" in row else "",
+                 f", test accuracy {row['test_accuracy']:.4f}" if "test_accuracy" in row else "",
+                 row["images_per_second"])
+    return head, history
+
+
+def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.ndarray, fit_rows: np.ndarray,
+          val: Validation, graph, mean, std, *, resume: bool, bar) -> tuple[Head, list[dict], Search]:
+    """``train.auto``: the search (or its checkpoint), then the chosen configuration refitted on all rows."""
+    found = _read_search(out / "checkpoint.pt", prep.device, cfg, prep, mean, std) if resume else None
+    if found is None:
+        save_atomic({"config": config_text, "search": None}, out / "checkpoint.pt")  # --resume works from here on
+        task = bar.add_task("train-head: choosing on validation", total=None)
+        if mean is None:
+            mean, std = torch.zeros(prep.train.feature_dim), torch.ones(prep.train.feature_dim)
+        found = search(cfg, prep.train_x, given, fit_rows, (val.x, val.given), num_classes=prep.train.num_classes,
+                       val_rows=val.rows, mean=mean.to(prep.device), std=std.to(prep.device),
+                       new_head=lambda c: _new_head(c, prep, mean, std),
+                       cleaner_sampler=lambda c: _sampler(c, given, fit_rows, graph))
+        bar.update(task, total=1, completed=1)
+        save_atomic({"config": config_text, "search": _search_state(found)}, out / "checkpoint.pt")
+    choice = found.choice
+    log.info("chose %s: validation score %.4f (accuracy against the given labels %.4f) at epoch %d, of %d "
+             "candidates in %.1f s", choice.name, choice.val_score, choice.val_accuracy, choice.best_epoch,
+             len(found.candidates), found.seconds)
+    if not cfg.train.refit or val.rows is None:  # a val.h5 store is not training data: nothing to refit on
+        history = [{"epoch": e + 1, "val_accuracy": a} for e, a in enumerate(choice.val_curve[:choice.best_epoch])]
+        return found.head, history, found
+    point = replace(replace(cfg, "cleaner", subset_size=choice.subset_size), "train",
+                    weight_decay=choice.weight_decay)
+    everything = np.arange(len(given), dtype=np.int64)
+    history: list[dict] = []
+    if choice.subset_size == 1:
+        def on_epoch(epoch, weight, bias):
+            fits = LinearFits(weight, bias, None, None, None, None, found.head.mean, found.head.std)
+            row = _epoch_row(prep, linear_head(cfg, fits, 0), epoch, float("nan"), float("nan"), None, 1, 0)
             history.append(row)
-            save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                          "config": config_text}, out / "checkpoint.pt")
-            log.info("epoch %d/%d: loss %.4f%s, %.0f img/s", epoch + 1, t.epochs, row["loss"],
-                     f", test accuracy {row['test_accuracy']:.4f}" if "test_accuracy" in row else "",
-                     row["images_per_second"])
-    metrics = _finish(cfg, prep, head, out, given, clean, graph, history)
-    metrics["seconds"] = time.perf_counter() - start
-    write_json_atomic(metrics, out / "metrics.json")
-    run_lock.release()
-    return metrics
+
+        fits = fit_linear_heads(prep.train_x, everything, found.labels[None], found.weights[None],
+                                np.array([choice.weight_decay]), num_classes=prep.train.num_classes,
+                                mean=found.head.mean, std=found.head.std, train=cfg.train,
+                                epochs=choice.best_epoch, seed=cfg.train.seed, on_epoch=on_epoch)
+        for row, loss in zip(history, fits.losses[:, 0]):
+            row["loss"] = float(loss)
+            del row["lr"], row["images_per_second"]
+        return linear_head(cfg, fits, 0), history, found
+    head = _new_head(point, prep, mean, std)
+    sampler = _sampler(point, found.labels, everything, graph)
+
+    def on_epoch(epoch, h, loss):
+        history.append(_epoch_row(prep, h, epoch, loss, float("nan"), None, 1, 0))
+
+    head, _, _ = train_cleaner(point, head, prep.train_x, torch.from_numpy(found.labels).to(prep.device), sampler,
+                               epochs=choice.best_epoch, val=None, on_epoch=on_epoch)
+    for row in history:
+        del row["lr"], row["images_per_second"]
+    return head, history, found
 
 
 def _resume(path: Path, device: torch.device, head: Head, optimizer, scheduler) -> tuple[list[dict], int]:
@@ -236,23 +400,29 @@ def _resume(path: Path, device: torch.device, head: Head, optimizer, scheduler) 
 
 
 def _finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarray, clean: np.ndarray, graph,
-            history: list[dict]) -> dict:
+            history: list[dict], fit_rows: np.ndarray, val: Validation | None, found: Search | None) -> dict:
     store = prep.train
-    n = cfg.cleaner.subset_size
+    n = head.cleaner.subset_size
     pred, probs = predict(head, prep.train_x)
+    rows = np.arange(len(given))
     scores = {
         "alpha": alpha_scores(head, prep.train_x, given, subset_size=n, repeats=cfg.cleaner.score_repeats,
                               seed=cfg.train.seed),
-        "classifier": probs[np.arange(len(given)), given],
+        "classifier": probs[rows, given],
         "knn": knn.agreement(graph, given),
     }
-    metrics: dict = {"history": history, "train_images": int(len(given)),
+    if found is not None and found.probs is not None:
+        scores["cross_validated"] = found.probs[rows, given]
+    metrics: dict = {"history": history, "train_images": int(len(given)), "subset_size": n,
                      "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
                                "realized_rate": float((given != store.labels).mean())},
                      "features": str(prep.features_dir.resolve())}
+    metrics |= _validation_metrics(cfg, head, fit_rows, val, found)
     if prep.test is not None:
         test_pred = predict(head, prep.test_x)[0]
         metrics["test_accuracy"] = accuracy(test_pred, prep.test.labels)
+        if found is not None and metrics.get("search", {}).get("refit"):  # reported, so the refit can be judged
+            metrics["test_accuracy_before_refit"] = accuracy(predict(found.head, prep.test_x)[0], prep.test.labels)
         write_confusion(confusion(test_pred, prep.test.labels, store.num_classes), list(store.classes),
                         out / "confusion.csv")
         metrics["test_images"] = int(len(prep.test.labels))
@@ -261,33 +431,82 @@ def _finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarra
                                                    seed=cfg.train.seed)
     # a human check of the given label (Food-101N's verification) counts only for the labels as given
     known, wrong = label_truth(given, clean, store.verified if cfg.noise.kind == "none" else None)
-    found = {name: detection(s, known, wrong) for name, s in scores.items()}
-    metrics["detection"] = {name: d for name, d in found.items() if d is not None}
+    flagged = None if found is None or found.issues is None else int(found.issues.sum())
+    found_by = {name: detection(s, known, wrong, flag=flagged) for name, s in scores.items()}
+    metrics["detection"] = {name: d for name, d in found_by.items() if d is not None}
+    if found is not None and found.issues is not None:
+        metrics["label_issues"] = _issue_metrics(found.issues, known, wrong)
     rank = cfg.train.rank_by
-    if found[rank] is not None:
-        metrics["noise_detection_auroc"] = found[rank]["auroc"]
-        metrics["noise_detection_ap"] = found[rank]["average_precision"]
+    if found_by[rank] is not None:
+        metrics["noise_detection_auroc"] = found_by[rank]["auroc"]
+        metrics["noise_detection_ap"] = found_by[rank]["average_precision"]
     metrics["ranked_by"] = rank
-    _write_scores(out / "scores.csv", store, given, clean, np.where(known, ~wrong, -1), pred, scores, rank)
+    trained = found.labels if found is not None else given
+    weights = found.weights if found is not None else np.ones(len(given))
+    split = np.full(len(given), "fit", dtype=object)
+    if val is not None and val.rows is not None:
+        split[val.rows] = "val"
+    _write_scores(out / "scores.csv", store, given, clean, np.where(known, ~wrong, -1), pred, scores, rank,
+                  issues=None if found is None else found.issues, trained=np.where(weights > 0, trained, -1),
+                  split=split)
     save_atomic({"format": HEAD_FORMAT, "version": 1, "state_dict": head.state_dict(), "head": head.config(),
-                  "classes": list(store.classes), "feature_dim": store.feature_dim,
-                  "provenance": _provenance(store), "config": to_toml(cfg)}, out / "head.pt")
+                 "classes": list(store.classes), "feature_dim": store.feature_dim,
+                 "provenance": _provenance(store), "config": to_toml(cfg)}, out / "head.pt")
     return metrics
 
 
-def _write_scores(path: Path, store: FeatureStore, given, clean, correct, pred, scores: dict, rank: str) -> None:
+def _validation_metrics(cfg: Config, head: Head, fit_rows: np.ndarray, val: Validation | None,
+                        found: Search | None) -> dict:
+    """What chose, and how the final model does on it (against the given labels; clean ones where known)."""
+    if val is None:
+        return {"chosen_on": "none"}
+    m: dict = {"chosen_on": "val", "validation": {"source": val.source, "images": int(len(val.given))}}
+    refitted = found is not None and cfg.train.refit and val.rows is not None
+    if found is not None:
+        m["search"] = {"chosen": found.choice.name, "refit": refitted, "seconds": round(found.seconds, 3),
+                       "candidates": [c.record() for c in found.candidates]}
+        m["best_epoch"] = found.choice.best_epoch
+    # the model that never saw the validation rows: the final one, or the chosen candidate before its refit
+    pred = predict(found.head if refitted else head, val.x)[0]
+    m["val_accuracy"] = accuracy(pred, val.given)
+    if (val.clean >= 0).any():
+        known = val.clean >= 0
+        m["val_clean_accuracy"] = accuracy(pred[known], val.clean[known])
+    return m
+
+
+def _issue_metrics(issues: np.ndarray, known: np.ndarray, wrong: np.ndarray) -> dict:
+    """How the second round's flags compare with the truth, where it is known."""
+    m = {"flagged": int(issues.sum()), "estimated_noise_rate": float(issues.mean())}
+    if known.any():
+        tp = int((issues & wrong & known).sum())
+        m["precision"] = tp / max(int((issues & known).sum()), 1)
+        m["recall"] = tp / max(int(wrong.sum()), 1)
+    return m
+
+
+def _write_scores(path: Path, store: FeatureStore, given, clean, correct, pred, scores: dict, rank: str, *,
+                  issues: np.ndarray | None, trained: np.ndarray, split: np.ndarray) -> None:
     """One row per training image, most suspect (lowest ``rank`` score) first.
 
-    ``correct``: (M,) 1 given label known right, 0 known wrong, -1 unknown (written as "")."""
+    ``correct``: (M,) 1 given label known right, 0 known wrong, -1 unknown (written as "").
+    Both rounds' view: ``cross_validated_score`` (round 1's out-of-sample p(given)) and ``label_issue``
+    (flagged by confident learning), then ``trained_label`` (what the final model trained with; empty =
+    dropped) and the final model's ``classifier_score``. ``split``: fit or val (the hold-out chosen on)."""
     order = np.argsort(scores[rank], kind="stable")
     names = store.classes
+    cv = scores.get("cross_validated")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["rank", "id", "given_label", "predicted_label", "clean_label", "given_label_correct", "alpha_score",
-                "classifier_score", "knn_score"])
+    w.writerow(["rank", "id", "split", "given_label", "predicted_label", "clean_label", "given_label_correct",
+                "alpha_score", "classifier_score", "knn_score", "cross_validated_score", "label_issue",
+                "trained_label"])
     for r, i in enumerate(order, 1):
-        w.writerow([r, store.ids[i], names[given[i]], names[pred[i]], names[clean[i]] if clean[i] >= 0 else "",
-                    "" if correct[i] < 0 else int(correct[i]), f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", f"{scores['knn'][i]:.4f}"])
+        w.writerow([r, store.ids[i], split[i], names[given[i]], names[pred[i]],
+                    names[clean[i]] if clean[i] >= 0 else "", "" if correct[i] < 0 else int(correct[i]),
+                    f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", f"{scores['knn'][i]:.4f}",
+                    "" if cv is None else f"{cv[i]:.5f}", "" if issues is None else int(issues[i]),
+                    names[trained[i]] if trained[i] >= 0 else ""])
     write_text_atomic(buf.getvalue(), path)  # a full disk or read-only folder: one line naming the file
 
 

@@ -274,3 +274,26 @@ def _distinct_rows(local: np.ndarray, cdf: np.ndarray, log_w: np.ndarray, rng: n
         keys = log_w + rng.gumbel(size=(len(redo), len(log_w)))
         local[redo] = np.argpartition(-keys, local.shape[1] - 1, axis=1)[:, :local.shape[1]]
     return local
+
+
+class OnRows:
+    """A :class:`SubsetSampler` built on ``rows`` of a larger array, yielding indices into that array.
+
+    The training rows of a head run are the store's rows minus the validation
+    hold-out; the features stay one array on the device and batches index it.
+    """
+
+    def __init__(self, sampler: SubsetSampler, rows: np.ndarray) -> None:
+        if len(rows) != len(sampler.labels):
+            raise ValueError(f"{len(rows)} rows for a sampler over {len(sampler.labels)} labels")
+        self.sampler = sampler
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.subset_size = sampler.subset_size
+        self.small_classes = sampler.small_classes
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int) -> Iterator[np.ndarray]:
+        for batch in self.sampler.epoch(epoch):
+            yield self.rows[batch]

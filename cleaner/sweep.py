@@ -2,7 +2,10 @@
 
 Features and kNN graphs are loaded once (``prepare``); each point trains
 into ``OUT/<nn>-<key=value,...>/`` like ``mcpipe train-head``. Results go
-to ``OUT/results.csv`` and ``OUT/results.md``, best test accuracy first.
+to ``OUT/results.csv`` and ``OUT/results.md``, best *validation* accuracy
+first (each point's accuracy on its validation split against the given
+labels: nothing is chosen on the test split); the first row is the point the
+sweep chooses (``chosen`` = ``*``), test accuracy is shown beside it.
 Points already finished (their ``metrics.json`` exists with the same
 config) are read back instead of retrained, so an interrupted sweep resumes.
 """
@@ -52,10 +55,12 @@ def run(cfg: Config, *, features: str | Path, out: str | Path, progress: bool = 
         if metrics is None:
             log.info("sweep %d/%d: %s", i + 1, len(points), point)
             metrics = train_head(point_cfg, prep, run_dir, overwrite=True, progress=progress)
-        rows.append({**point, "test_accuracy": metrics.get("test_accuracy"),
+        rows.append({**point, "val_accuracy": metrics.get("val_accuracy"), "test_accuracy": metrics.get("test_accuracy"),
                      "noise_detection_auroc": metrics.get("noise_detection_auroc"),
                      "seconds": metrics["seconds"], "run": run_dir.name})
-    rows.sort(key=lambda r: -(r["test_accuracy"] if r["test_accuracy"] is not None else -1))
+    rows.sort(key=lambda r: -(r["val_accuracy"] if r["val_accuracy"] is not None else -1))  # stable: grid order on ties
+    for i, r in enumerate(rows):
+        r["chosen"] = "*" if i == 0 and r["val_accuracy"] is not None else ""
     _write(out, rows, [k for k, _ in cfg.sweep.grid])
     return rows
 
@@ -75,7 +80,7 @@ def _fmt(v) -> str:
 
 
 def _write(out: Path, rows: list[dict], keys: list[str]) -> None:
-    cols = [*keys, "test_accuracy", "noise_detection_auroc", "seconds", "run"]
+    cols = ["chosen", *keys, "val_accuracy", "test_accuracy", "noise_detection_auroc", "seconds", "run"]
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -93,7 +98,8 @@ def align_columns(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(rows: list[dict], keys: list[str]) -> str:
-    head = [*keys, "test_acc", "auroc", "seconds"]
-    body = [[_fmt(r[k]) for k in keys] + [_fmt(r["test_accuracy"]), _fmt(r["noise_detection_auroc"]),
-                                          f"{r['seconds']:.1f}"] for r in rows]
-    return align_columns(head, body)
+    head = ["", *keys, "val_acc", "test_acc", "auroc", "seconds"]
+    body = [[r["chosen"]] + [_fmt(r[k]) for k in keys] + [_fmt(r["val_accuracy"]), _fmt(r["test_accuracy"]),
+                                                         _fmt(r["noise_detection_auroc"]), f"{r['seconds']:.1f}"]
+            for r in rows]
+    return align_columns(head, body) + "\n(* chosen on validation accuracy; test accuracy is only reported)"

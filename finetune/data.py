@@ -1,4 +1,5 @@
-"""Images for end-to-end training: seeded augmentation, K x N subsets, shards for several processes.
+"""Images for end-to-end training: seeded augmentation, K x N subsets, shards for several processes,
+and the validation hold-out of the training split.
 
 Every training item is addressed by ``(epoch, position, row)``: ``position`` is
 its place in the epoch's global sequence of batches, so the random crop and

@@ -5,15 +5,24 @@ cleaner, the first ``freeze_epochs`` with the backbone frozen), ``unload``
 (cleaner dropped, plain softmax on the same noisy split) and ``clean``
 (plain softmax on ``clean_split``). Each phase starts its own SGD (momentum,
 one learning rate for the backbone, one for the head) and step schedule.
-After every epoch: top-1/top-5 on ``test_split`` with the cleaner removed,
-``metrics.json``, and ``checkpoint.pt`` (atomic). ``--resume`` continues from
-the last epoch to the numbers an uninterrupted run gives on the same device.
-At the end the model is exported (``model.pt`` + ``model.json``, see
-``mcpipe.finetune.export``).
+After every epoch, with the cleaner removed: top-1 on the validation set
+against its given labels (and against its clean labels where known),
+top-1/top-5 on ``test_split``; then ``metrics.json`` and ``checkpoint.pt``
+(atomic). ``--resume`` continues from the last epoch to the numbers an
+uninterrupted run gives on the same device.
+
+Model selection is on validation only, never on the test split: the validation
+set is ``val_split`` when the data has it, else a seeded stratified hold-out of
+``val_fraction`` of ``train_split`` (``stratified_holdout``; those images are
+not trained on). ``best_epoch`` is the epoch of the highest validation top-1
+and ``test_accuracy_at_best_epoch`` the test top-1 there; the test split is
+only reported. The exported model (``model.pt`` + ``model.json``, see
+``mcpipe.finetune.export``) is the last epoch's, and ``test_accuracy`` is its
+test top-1; no weights are kept for the best epoch.
 
 Under ``torchrun`` every process trains a DistributedDataParallel replica on
-its own batches (disjoint subsets) and evaluates a shard of the test split;
-only rank 0 writes.
+its own batches (disjoint subsets) and evaluates a shard of the validation and
+test sets; only rank 0 writes.
 
 Run folder: ``config.toml``, ``checkpoint.pt``, ``metrics.json``, ``model.pt``, ``model.json``,
 ``confusion.csv`` (test split at the last evaluated epoch).
@@ -21,15 +30,13 @@ Run folder: ``config.toml``, ``checkpoint.pt``, ``metrics.json``, ``model.pt``, 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -41,14 +48,15 @@ from mcpipe.config import Config, to_toml
 from mcpipe.devices import resolve_device
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.extract.backbones import build_backbone
-from mcpipe.extract.data import IndexImages
 from mcpipe.extract.distributed import DistInfo, barrier, init, shutdown
-from mcpipe.extract.preprocess import Preprocess, eval_transform, preprocess_for, train_transform
+from mcpipe.extract.preprocess import preprocess_for, train_transform
 from mcpipe.extract.sources.base import SplitIndex
 from mcpipe.extract.sources.registry import available_splits, load_index
+from mcpipe.cleaner.split import stratified_holdout
 from mcpipe.finetune.data import ShuffledBatches, SubsetBatches, TrainImages, collate
 from mcpipe.finetune.export import export_model
 from mcpipe.finetune.model import Net
+from mcpipe.finetune.train import evaluate, train_epoch
 from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
 from mcpipe.rundir import check_run_dir, save_atomic, start_run_dir, write_confusion, write_json_atomic
@@ -104,11 +112,12 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
     train = load_index(cfg.data, f.train_split)
     given = train.labels.copy() if cfg.noise.kind == "none" else noise_from_config(train.labels, len(train.classes),
                                                                                    cfg.noise)
+    train, given, val = _validation(cfg, splits, train, given, info)
     test = load_index(cfg.data, f.test_split) if f.test_split in splits else None
     if test is None and f.test_split and info.is_main:
         log.warning("no %r split: test accuracy will not be measured", f.test_split)
     clean = load_index(cfg.data, f.clean_split) if f.clean_split else None
-    for other in (test, clean):
+    for other in (val, test, clean):
         if other is not None and other.classes != train.classes:
             raise DataError(f"split {other.split!r} has other classes than {train.split!r}")
 
@@ -172,15 +181,19 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
                                 pin_memory=device.type == "cuda")
             with progress_bar(progress and info.is_main) as bar:
                 task = bar.add_task(f"{phase.name} {epoch + 1}/{total_epochs}", total=len(batches) * f.batch_size)
-                stats = _train_epoch(model, net, loader, labels_t, phase, optimizer, device, amp, info,
-                                     lambda k, msg: bar.update(task, advance=k, description=(
-                                         f"{phase.name} {epoch + 1}/{total_epochs} {msg}")))
+                stats = train_epoch(model, net, loader, labels_t, cleaner=phase.cleaner, optimizer=optimizer,
+                                    device=device, amp=amp, info=info,
+                                    on_batch=lambda k, msg: bar.update(task, advance=k, description=(
+                                        f"{phase.name} {epoch + 1}/{total_epochs} {msg}")))
             scheduler.step()
             replaced += stats["replaced"]
             row = {"epoch": epoch + 1, "phase": phase.name, "loss": stats["loss"],
                    "lr": optimizer.param_groups[-1]["lr"], "backbone_lr": optimizer.param_groups[0]["lr"],
                    "backbone_trained": trainable, "images_per_second": stats["images_per_second"]}
             confusion = None
+            if val is not None:  # the same eval transform, sharding and all-reduce as the test split
+                row.update(evaluate(net, val, pre, device=device, amp=amp, batch_size=f.batch_size,
+                                    workers=f.workers, info=info, name="val", clean=True)[0])
             if test is not None:
                 scores, confusion = evaluate(net, test, pre, device=device, amp=amp, batch_size=f.batch_size,
                                              workers=f.workers, info=info)
@@ -189,7 +202,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
             epoch += 1
             seconds = seconds_before + time.perf_counter() - start
             if info.is_main:
-                metrics = _metrics(cfg, history, train, given, seconds, replaced)
+                metrics = _metrics(cfg, history, train, given, val, seconds, replaced)
                 save_atomic({"format": CHECKPOINT_FORMAT, "model": net.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "epoch": epoch, "phase": phase.name, "history": history, "seconds": seconds,
@@ -197,11 +210,12 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
                 write_json_atomic(metrics, out / "metrics.json")
                 if confusion is not None:
                     write_confusion(confusion, list(test.classes), out / "confusion.csv")
-                log.info("epoch %d/%d (%s): loss %.4f%s, %.1f img/s", epoch, total_epochs, phase.name, row["loss"],
+                log.info("epoch %d/%d (%s): loss %.4f%s%s, %.1f img/s", epoch, total_epochs, phase.name,
+                         row["loss"], f", val top-1 {row['val_top1']:.4f}" if "val_top1" in row else "",
                          f", test top-1 {row['test_top1']:.4f}" if "test_top1" in row else "",
                          row["images_per_second"])
             barrier(info)
-    metrics = _metrics(cfg, history, train, given, seconds_before + time.perf_counter() - start, replaced)
+    metrics = _metrics(cfg, history, train, given, val, seconds_before + time.perf_counter() - start, replaced)
     if info.is_main:
         export_model(out, net, backbone=cfg.extract.backbone, image_size=cfg.extract.image_size,
                      classes=train.classes, pre=pre, provenance=backbone.provenance,
@@ -210,6 +224,34 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
         run_lock.release()
     barrier(info)
     return metrics
+
+
+def _validation(cfg: Config, splits: list[str], train: SplitIndex, given: np.ndarray,
+                info: DistInfo) -> tuple[SplitIndex, np.ndarray, SplitIndex | None]:
+    """(training rows, their given labels, the validation set or None) from the whole training split.
+
+    The validation set's ``labels`` are the ones to select on: ``val_split``'s labels as the data gives them,
+    or for a hold-out of ``val_fraction`` of the training split its given (noisy) labels. Its ``clean_labels``
+    are the true ones where known (with synthetic noise, the original labels). Held-out rows are not trained on.
+    """
+    f = cfg.finetune
+    if f.val_split and f.val_split in splits:
+        return train, given, load_index(cfg.data, f.val_split)
+    held = stratified_holdout(given, f.val_fraction, seed=f.seed)
+    if len(held) == 0:
+        if info.is_main:
+            log.log(logging.WARNING if f.val_fraction > 0 else logging.INFO, "no validation set (no %r split, "
+                    "val_fraction %g of %r held out): no best epoch is chosen", f.val_split, f.val_fraction,
+                    f.train_split)
+        return train, given, None
+    keep = np.setdiff1d(np.arange(len(train)), held)
+    truth = train.clean_labels if cfg.noise.kind == "none" else train.labels  # synthetic noise: originals are true
+    val = replace(train.take(held), split=f"{train.split} hold-out", labels=given[held], clean_labels=truth[held])
+    if info.is_main:
+        log.info("validation: %s, so %d of the %d %r images are held out (val_fraction %g) and not trained on",
+                 f"no {f.val_split!r} split" if f.val_split else "finetune.val_split is empty", len(held), len(train),
+                 f.train_split, f.val_fraction)
+    return train.take(keep), given[keep], val
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -276,94 +318,27 @@ def _read_checkpoint(out: Path, device: torch.device, config_text: str) -> dict:
     return ckpt
 
 
-def _train_epoch(model: torch.nn.Module, net: Net, loader: DataLoader, labels: torch.Tensor, phase: Phase,
-                 optimizer: torch.optim.Optimizer, device: torch.device, amp: bool, info: DistInfo,
-                 on_batch) -> dict:
-    net.train()
-    n = net.head.cleaner.subset_size
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    batches = images_seen = replaced = 0
-    start = time.perf_counter()
-    for images, rows, read in loader:
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        rows = rows.to(device, non_blocking=True)
-        y = labels[rows.view(-1, n)[:, 0]] if phase.cleaner else labels[rows]
-        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            loss = model(images, y, cleaner=phase.cleaner)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        batches += 1
-        images_seen += len(images)
-        replaced += int((read != rows.cpu()).sum())
-        if batches % 4 == 0 or device.type == "cpu":
-            on_batch(len(images) * (4 if device.type != "cpu" else 1), f"loss {float(loss.detach()):.3f} "
-                     f"lr {optimizer.param_groups[-1]['lr']:.2g}")
-    seconds = time.perf_counter() - start
-    if info.enabled:
-        agg = torch.tensor([float(total), images_seen, replaced], dtype=torch.float64, device=device)
-        dist.all_reduce(agg)
-        total_loss, images_all, replaced = float(agg[0]), int(agg[1]), int(agg[2])
-        mean_loss = total_loss / max(batches * info.world_size, 1)
-    else:
-        mean_loss, images_all = float(total) / max(batches, 1), images_seen
-    return {"loss": mean_loss, "images_per_second": images_all / max(seconds, 1e-9), "replaced": replaced}
-
-
-@torch.inference_mode()
-def evaluate(net: Net, index: SplitIndex, pre: Preprocess, *, device: torch.device, amp: bool, batch_size: int,
-             workers: int, info: DistInfo = DistInfo()) -> tuple[dict, np.ndarray]:
-    """Top-1 (and top-5 with >= 5 classes) of ``net`` with the cleaner removed; unreadable images left out.
-
-    Returns ({"test_top1", "test_images"[, "test_top5"]}, (C, C) int64 confusion counts).
-    """
-    net.eval()
-    images = IndexImages(index, eval_transform(pre), image_size=pre.image_size, min_size=pre.resize)
-    shard = torch.utils.data.Subset(images, range(info.rank, len(images), info.world_size))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    labels = torch.from_numpy(index.labels)
-    k = min(5, len(index.classes))
-    c = len(index.classes)
-    counts = torch.zeros(3 + c * c, dtype=torch.float64)  # top-1, top-5, seen, then the confusion matrix
-    for rows, x, codes, _ in loader:
-        ok = codes == 0
-        if not ok.any():
-            continue
-        x = x[ok].to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            logits = net(x).float().cpu()
-        y = labels[rows[ok]]
-        top = logits.topk(k, dim=1).indices
-        counts[:3] += torch.tensor([float((top[:, 0] == y).sum()), float((top == y[:, None]).any(1).sum()),
-                                    len(y)], dtype=torch.float64)
-        counts[3:] += torch.bincount(y * c + top[:, 0], minlength=c * c).double()
-    if info.enabled:
-        counts = counts.to(device)
-        dist.all_reduce(counts)
-        counts = counts.cpu()
-    seen = max(float(counts[2]), 1.0)
-    out = {"test_top1": float(counts[0]) / seen, "test_images": int(counts[2])}
-    if len(index.classes) >= 5:
-        out["test_top5"] = float(counts[1]) / seen
-    return out, counts[3:].round().long().reshape(c, c).numpy()
-
-
-def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndarray, seconds: float,
-             replaced: int) -> dict:
+def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndarray, val: SplitIndex | None,
+             seconds: float, replaced: int) -> dict:
+    """``metrics.json``: the best epoch is chosen on validation top-1 (given labels; ties: the earlier epoch),
+    never on the test split. ``test_accuracy`` / ``test_top5`` are the last epoch's, the exported model's."""
     m: dict = {"history": history, "seconds": seconds, "train_images": len(train), "images_replaced": replaced,
                "phases": [{"name": p.name, "epochs": p.epochs, "split": p.split} for p in plan(cfg)],
                "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
-                         "realized_rate": float((given != train.labels).mean())}}
+                         "realized_rate": float((given != train.labels).mean())},
+               "val_images": 0 if val is None else len(val),
+               "val_from": None if val is None else val.split, "chosen_on": "none" if val is None else "val"}
     tested = [h for h in history if "test_top1" in h]
     if tested:
         m["test_accuracy"] = tested[-1]["test_top1"]
         if "test_top5" in tested[-1]:
             m["test_top5"] = tested[-1]["test_top5"]
-        best = max(tested, key=lambda h: h["test_top1"])
-        m["best_test_accuracy"], m["best_epoch"] = best["test_top1"], best["epoch"]
+    validated = [h for h in history if "val_top1" in h]
+    if validated:
+        best = max(validated, key=lambda h: h["val_top1"])  # max keeps the first of equals: the earlier epoch
+        m["best_epoch"], m["best_val_accuracy"] = best["epoch"], best["val_top1"]
+        if "val_clean_top1" in best:
+            m["val_clean_accuracy_at_best_epoch"] = best["val_clean_top1"]
+        if "test_top1" in best:
+            m["test_accuracy_at_best_epoch"] = best["test_top1"]
     return m

@@ -180,8 +180,16 @@ def sweep(
 
 def head_summary(cfg: Config, m: dict, out: Path) -> str:
     c = cfg.cleaner
-    what = "softmax baseline (N = 1)" if c.subset_size == 1 else f"MetaCleaner N = {c.subset_size}, {c.weighting}"
-    parts = [f"{what}: test accuracy {m['test_accuracy']:.4f}" if "test_accuracy" in m else what]
+    if "search" in m:
+        s = m["search"]
+        what = (f"chose {s['chosen']} on validation (of {len(s['candidates'])} candidates"
+                + (", refitted on all training rows)" if s["refit"] else ")"))
+    else:
+        what = ("softmax baseline (N = 1)" if c.subset_size == 1 else
+                f"MetaCleaner N = {c.subset_size}, {c.weighting}")
+    if "val_accuracy" in m:
+        what += f": validation accuracy {m['val_accuracy']:.4f}"
+    parts = [f"{what}, test accuracy {m['test_accuracy']:.4f}" if "test_accuracy" in m else what]
     if "noise_detection_auroc" in m:
         parts.append(f"noise detection AUROC {m['noise_detection_auroc']:.3f} ({m['ranked_by']} score)")
     parts.append(f"{m['seconds']:.1f} s -> {out}")
@@ -228,7 +236,11 @@ def finetune_summary(m: dict, out: Path) -> str:
     parts = [f"{len(m['history'])} epochs ({phases})"]
     if "test_accuracy" in m:
         parts.append(f"test top-1 {m['test_accuracy']:.4f}" + (f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else "")
-                     + f" (best {m['best_test_accuracy']:.4f} at epoch {m['best_epoch']})")
+                     + " (last epoch)")
+    if "best_epoch" in m:
+        at = m.get("test_accuracy_at_best_epoch")
+        parts.append(f"best epoch by validation {m['best_epoch']} (val top-1 {m['best_val_accuracy']:.4f}"
+                     + ("" if at is None else f", test {at:.4f} at it") + ")")
     last = m["history"][-1] if m["history"] else {}
     if last:
         parts.append(f"{last['images_per_second']:.1f} img/s")

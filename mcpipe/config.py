@@ -107,10 +107,11 @@ Weighting = Literal["constant", "attention_sig", "attention_exp", "fc_fc_sig", "
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    kind: Literal["none", "symmetric", "pairflip", "matrix"] = "none"
-    """Synthetic label noise added in memory for experiments (the store is untouched)."""
+    kind: Literal["none", "symmetric", "pairflip", "matrix", "instance"] = "none"
+    """Synthetic label noise added in memory for experiments (the store is untouched); instance = flips drawn mostly
+    among the images that look most like another class, to that class (needs features: train-head only)."""
     rate: float = 0.0
-    """Fraction of training labels flipped (symmetric, pairflip)."""
+    """Fraction of training labels flipped (symmetric, pairflip, instance)."""
     seed: int = 0
     """Seed of the flips."""
     matrix: tuple[tuple[float, ...], ...] = ()
@@ -171,9 +172,32 @@ class TrainConfig:
     """Seed of initialisation and sampling: the same config gives the same numbers."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
+    val_fraction: float = 0.1
+    """Training rows held out (seeded, stratified by given label) to choose on, when the store folder has no
+    val.h5; 0 = none (then nothing can be chosen: auto needs validation)."""
+    auto: bool = True
+    """Choose N, weight decay, epochs and a second round on the validation split; false = train this config."""
+    search_sizes: tuple[int, ...] = ()
+    """auto: subset sizes N tried; empty = 1 and cleaner.subset_size."""
+    search_weight_decays: tuple[float, ...] = (0.001, 0.01, 0.1, 0.3, 1.0, 3.0)
+    """auto: weight decays tried for the softmax heads (N = 1, both rounds, trained together in one pass)."""
+    second_round: bool = True
+    """auto: also try dropping / relabelling the training images that cross-validated probabilities flag
+    (confident learning's per-class thresholds), then training again."""
+    cv_folds: int = 5
+    """auto: folds of the cross-validated probabilities the second round flags images with."""
+    refit: bool = True
+    """auto: retrain the chosen configuration on all training rows (validation rows included) for its chosen
+    number of epochs; false = keep the model as trained during the search."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(0 <= self.val_fraction < 0.9, "train.val_fraction", self.val_fraction, "a number in [0, 0.9)")
+        _check(all(n >= 1 for n in self.search_sizes), "train.search_sizes", self.search_sizes,
+               "a list of integers >= 1")
+        _check(len(self.search_weight_decays) >= 1 and all(w >= 0 for w in self.search_weight_decays),
+               "train.search_weight_decays", self.search_weight_decays, "a non-empty list of numbers >= 0")
+        _check(self.cv_folds >= 2, "train.cv_folds", self.cv_folds, "an integer >= 2")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _check(self.lr_step >= 1, "train.lr_step", self.lr_step, "an integer >= 1")
@@ -212,7 +236,14 @@ class FinetuneConfig:
     train_split: str = "train"
     """Split trained on (its labels get [noise])."""
     test_split: str = "test"
-    """Split evaluated after every epoch, cleaner removed; empty or absent = no evaluation."""
+    """Split evaluated after every epoch, cleaner removed, only reported: nothing is chosen on it; empty or absent =
+    no evaluation."""
+    val_split: str = "val"
+    """Validation split, evaluated after every epoch to choose the best epoch on; when the data has no such split
+    (or it is empty), val_fraction of train_split is held out instead."""
+    val_fraction: float = 0.1
+    """Without val_split: share of train_split's images (stratified by given label, seeded by seed) held out of
+    training for validation, with their given labels; 0 = no validation."""
     workers: int = 2
     """DataLoader processes decoding images (0 = in the training process)."""
     freeze_bn: bool = True
@@ -241,6 +272,11 @@ class FinetuneConfig:
                "at least one epoch in some phase (epochs, unload_epochs or clean_epochs)")
         _check(bool(self.clean_split) == (self.clean_epochs > 0), "finetune.clean_split", self.clean_split,
                "a split name exactly when finetune.clean_epochs > 0")
+        _check(0 <= self.val_fraction < 1, "finetune.val_fraction", self.val_fraction, "a number in [0, 1)")
+        for key in ("train_split", "test_split", "clean_split"):
+            _check(not self.val_split or self.val_split != getattr(self, key), "finetune.val_split", self.val_split,
+                   f"a split other than finetune.{key} (validation must be neither trained on nor the test split); "
+                   f"\"\" = hold out finetune.val_fraction of finetune.train_split")
         _check_device("finetune.device", self.device)
 
 

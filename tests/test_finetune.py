@@ -1,9 +1,11 @@
-"""mcpipe finetune: a training step on tiny images, phases, --head and its refusals, resume, DDP, sampling."""
+"""mcpipe finetune: a training step on tiny images, phases, --head and its refusals, resume, DDP, sampling,
+and model selection on validation (a val split or a stratified hold-out), never on the test split."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +23,14 @@ from mcpipe.cli import app
 from mcpipe.extract.preprocess import preprocess_for, train_transform
 from mcpipe.extract.sources.registry import load_index
 from mcpipe.config import load_config
+from mcpipe.errors import ConfigError
+from mcpipe.extract.distributed import DistInfo
+from mcpipe.extract.sources.base import SplitIndex
+from mcpipe.extract.sources.registry import available_splits
+from mcpipe.cleaner.split import stratified_holdout
 from mcpipe.finetune.data import ShuffledBatches, SubsetBatches, TrainImages
 from mcpipe.finetune.export import load_model
+from mcpipe.finetune.run import _metrics, _validation
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -54,6 +62,11 @@ def test_one_epoch_trains_evaluates_and_exports(data, tmp_path):
     row = m["history"][0]
     assert row["loss"] > 0 and row["images_per_second"] > 0 and row["test_images"] == 9
     assert 0 <= m["test_accuracy"] <= 1 and "test_top5" not in m  # 3 classes: no top-5
+    # the data has a val split: it is the validation set, whole training split trained on, chosen on val
+    assert m["val_from"] == "val" and m["val_images"] == 12 and m["train_images"] == 24
+    assert row["val_images"] == row["val_clean_images"] == 12 and row["val_clean_top1"] == row["val_top1"]
+    assert m["chosen_on"] == "val" and m["best_epoch"] == 1 and m["best_val_accuracy"] == row["val_top1"]
+    assert m["test_accuracy_at_best_epoch"] == row["test_top1"] and "best_test_accuracy" not in m
     net, meta = load_model(tmp_path / "run")
     assert meta["classes"] == ["c0", "c1", "c2"] and meta["backbone"] == "resnet18" and meta["image_size"] == 32
     assert meta["preprocessing"]["image_size"] == 32 and meta["provenance"]["random_init"] is True
@@ -68,7 +81,7 @@ def test_one_epoch_trains_evaluates_and_exports(data, tmp_path):
 
 def test_unload_and_clean_phases_run_in_order(data, tmp_path):
     res = finetune(data, tmp_path / "run", "finetune.unload_epochs=1", "finetune.clean_split=val",
-                   "finetune.clean_epochs=1", "finetune.freeze_epochs=1")
+                   "finetune.clean_epochs=1", "finetune.freeze_epochs=1", "finetune.val_split=")
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [h["phase"] for h in m["history"]] == ["cleaner", "unload", "clean"]
@@ -131,6 +144,12 @@ def test_refusals_before_any_work(data, tmp_path):
     assert res.exit_code == 2 and "finetune.clean_split = 'nope' is not a split" in res.output
     res = finetune(data, tmp_path / "r", "finetune.clean_epochs=1")
     assert res.exit_code == 2 and "finetune.clean_split" in res.output
+    res = finetune(data, tmp_path / "r", "finetune.clean_split=val", "finetune.clean_epochs=1")
+    assert res.exit_code == 2 and "finetune.val_split = 'val' is invalid" in res.output  # would be trained on
+    res = finetune(data, tmp_path / "r", "finetune.val_split=test")
+    assert res.exit_code == 2 and "other than finetune.test_split" in res.output  # choosing on test
+    res = finetune(data, tmp_path / "r", "finetune.val_split=", "finetune.val_fraction=1")
+    assert res.exit_code == 2 and "finetune.val_fraction = 1" in res.output
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "metrics.json").write_text("{}")
     res = finetune(data, tmp_path / "taken")
@@ -180,6 +199,7 @@ def test_two_gloo_processes(data, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert [h["phase"] for h in m["history"]] == ["cleaner", "unload"]
     assert m["history"][0]["test_images"] == 9  # the two test shards add up to the whole split
+    assert m["history"][0]["val_images"] == 12 and m["chosen_on"] == "val"  # and so do the two val shards
     net, _ = load_model(out)
     assert res.stdout.count("test top-1") == 1  # only rank 0 reports
 
@@ -228,3 +248,135 @@ def test_runs_with_random_layers_repeat_exactly(data, tmp_path):
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- model selection on validation
+
+
+def test_holdout_is_stratified_seeded_and_keeps_small_classes_in_training():
+    labels = np.random.default_rng(3).permutation(np.repeat(np.arange(5), [40, 20, 1, 2, 5]))
+    held = stratified_holdout(labels, 0.1, seed=0)
+    assert held.dtype == np.int64 and np.all(np.diff(held) > 0)
+    assert np.bincount(labels[held], minlength=5).tolist() == [4, 2, 0, 1, 1]  # 1 of a single image: kept
+    assert np.array_equal(held, stratified_holdout(labels, 0.1, seed=0))
+    assert not np.array_equal(held, stratified_holdout(labels, 0.1, seed=1))
+    # a class's rows depend on that class only: adding images of another class leaves them alone
+    more = np.concatenate([labels, np.full(30, 4)])
+    held_more = stratified_holdout(more, 0.1, seed=0)
+    assert np.array_equal(held_more[more[held_more] != 4], held[labels[held] != 4])
+    assert len(stratified_holdout(labels, 0.0, seed=0)) == 0
+    with pytest.raises(ValueError, match="fraction = 1"):
+        stratified_holdout(labels, 1, seed=0)
+
+
+def _config(root: Path, *extra: str):
+    return load_config(None, [s for s in settings(root, *extra) if s != "--set"])
+
+
+def test_validation_holds_out_given_labels_disjoint_from_training(data):
+    cfg = _config(data, "finetune.val_split=", "finetune.val_fraction=0.25", "noise.kind=symmetric",
+                  "noise.rate=0.5")
+    full = load_index(cfg.data, "train")
+    given = (full.labels + 1) % 3  # stands for the noisy labels
+    train, train_given, val = _validation(cfg, available_splits(cfg.data), full, given, DistInfo())
+    assert set(train.ids).isdisjoint(val.ids) and sorted(train.ids + val.ids) == sorted(full.ids)
+    assert len(val) == 6 and np.bincount(val.labels, minlength=3).tolist() == [2, 2, 2]  # 8 x 0.25 per class
+    rows = [full.ids.index(i) for i in val.ids]
+    assert np.array_equal(val.labels, given[rows])  # selected on the given labels
+    assert np.array_equal(val.clean_labels, full.labels[rows])  # synthetic noise: the originals are the truth
+    assert np.array_equal(train_given, given[[full.ids.index(i) for i in train.ids]])
+    again = _validation(cfg, available_splits(cfg.data), full, given, DistInfo())[2]
+    assert again.ids == val.ids  # every rank, every --resume
+    named = _validation(_config(data), available_splits(cfg.data), full, given, DistInfo())
+    assert named[0] is full and named[2].split == "val"  # a val split: nothing held out of training
+
+
+def test_held_out_images_are_never_trained_on(data, tmp_path, monkeypatch):
+    import mcpipe.finetune.run as ft
+
+    read: set[str] = set()
+
+    class Recording(TrainImages):
+        def __getitem__(self, key):
+            image, row, candidate = super().__getitem__(key)
+            read.add(self.index.ids[candidate])
+            return image, row, candidate
+
+    monkeypatch.setattr(ft, "TrainImages", Recording)
+    res = finetune(data, tmp_path / "run", "finetune.val_split=", "finetune.unload_epochs=1")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["val_from"] == "train hold-out" and m["val_images"] == 3 and m["train_images"] == 21
+    assert m["chosen_on"] == "val" and all(h["val_images"] == 3 for h in m["history"])
+    cfg = _config(data, "finetune.val_split=", "finetune.unload_epochs=1")
+    full = load_index(cfg.data, "train")
+    val = _validation(cfg, available_splits(cfg.data), full, full.labels.copy(), DistInfo())[2]
+    assert read and read.isdisjoint(val.ids)
+
+
+def test_best_epoch_is_chosen_on_validation_not_test():
+    cfg = _config(Path("."), "finetune.epochs=4")
+    index = lambda split, n: SplitIndex("imagefolder", split, Path("."), [f"{i}.png" for i in range(n)],  # noqa: E731
+                                        np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), ["a", "b"])
+    train, val = index("train", 4), index("val", 2)
+    history = [{"epoch": 1, "val_top1": 0.5, "test_top1": 0.2}, {"epoch": 2, "val_top1": 0.9, "test_top1": 0.3},
+               {"epoch": 3, "val_top1": 0.9, "test_top1": 0.95}, {"epoch": 4, "val_top1": 0.1, "test_top1": 0.4}]
+    m = _metrics(cfg, history, train, train.labels, val, 1.0, 0)
+    assert (m["best_epoch"], m["best_val_accuracy"], m["test_accuracy_at_best_epoch"]) == (2, 0.9, 0.3)  # tie: 2
+    assert m["test_accuracy"] == 0.4 and m["chosen_on"] == "val" and m["val_images"] == 2
+    assert "best_test_accuracy" not in m
+    none = _metrics(cfg, [{k: v for k, v in h.items() if k != "val_top1"} for h in history], train, train.labels,
+                    None, 1.0, 0)
+    assert none["chosen_on"] == "none" and none["val_images"] == 0 and "best_epoch" not in none
+    assert none["test_accuracy"] == 0.4
+
+
+def test_test_labels_do_not_change_what_is_chosen(data, tmp_path):
+    """Poisoned test labels (every test image moved to the next class) change the test numbers only."""
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(data, poisoned)
+    shutil.rmtree(poisoned / "test")
+    for k in range(3):
+        shutil.copytree(data / "test" / f"c{k}", poisoned / "test" / f"c{(k + 1) % 3}")
+    runs = []
+    for root, name in ((data, "clean"), (poisoned, "poisoned")):
+        res = finetune(root, tmp_path / name, "finetune.epochs=3", "finetune.val_split=", "noise.kind=symmetric",
+                       "noise.rate=0.3")
+        assert res.exit_code == 0, res.output
+        runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    a, b = runs
+    assert [h["test_top1"] for h in a["history"]] != [h["test_top1"] for h in b["history"]]
+    val = lambda m: [{k: v for k, v in h.items() if k.startswith("val_")} for h in m["history"]]  # noqa: E731
+    assert val(a) == val(b) and len(val(a)[0]) == 4  # with synthetic noise the hold-out's true labels are known
+    for key in ("best_epoch", "best_val_accuracy", "chosen_on", "val_images", "val_from"):
+        assert a[key] == b[key], key
+    best = a["best_epoch"]
+    assert b["test_accuracy_at_best_epoch"] == b["history"][best - 1]["test_top1"]
+
+
+def test_no_validation_chooses_nothing(data, tmp_path):
+    res = finetune(data, tmp_path / "run", "finetune.val_split=", "finetune.val_fraction=0")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["chosen_on"] == "none" and m["val_images"] == 0 and m["train_images"] == 24
+    assert "best_epoch" not in m and "test_accuracy_at_best_epoch" not in m and "val_top1" not in m["history"][0]
+    assert "test_accuracy" in m
+
+
+def test_config_refuses_validation_on_trained_or_test_splits():
+    with pytest.raises(ConfigError, match="other than finetune.train_split"):
+        load_config(None, ["finetune.val_split=train"])
+    with pytest.raises(ConfigError, match=r"finetune.val_fraction = -0.1 is invalid"):
+        load_config(None, ["finetune.val_fraction=-0.1"])
+    assert load_config(None, ["finetune.val_split=", "finetune.test_split="]).finetune.val_split == ""
+
+
+def test_training_curves_mark_the_best_epoch_by_validation_and_still_draw_old_runs(tmp_path):
+    from mcpipe.report.figures import training_curves
+
+    new = [{"epoch": e, "phase": "cleaner", "loss": 1.0 / e, "val_top1": v, "val_clean_top1": v, "test_top1": t}
+           for e, v, t in ((1, 0.5, 0.9), (2, 0.7, 0.4))]
+    old = [{"epoch": e, "phase": "cleaner", "loss": 1.0 / e, "test_top1": 0.3 * e} for e in (1, 2)]  # no val keys
+    for name, history in (("new", new), ("old", old), ("untested", [{"epoch": 1, "loss": 1.0}])):
+        png = training_curves(history, tmp_path / f"{name}.png")
+        assert png.stat().st_size > 5000

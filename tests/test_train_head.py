@@ -19,19 +19,12 @@ from mcpipe.store.synthetic import write_synthetic_store
 
 FAST = ["train.epochs=3", "train.lr_step=2", "train.batch_size=64", "cleaner.hidden=16", "train.device=cpu",
         "cleaner.score_repeats=2", "cleaner.knn_k=5"]
+FIXED = ["train.auto=false"]  # exactly the config given (the automatic search has its own tests)
 
 
-@pytest.fixture(scope="module")
-def feats(tmp_path_factory):
-    d = tmp_path_factory.mktemp("feats")
-    write_synthetic_store(d / "train.h5", 600, 24, 5, seed=1, spread=1.0, split="train")
-    write_synthetic_store(d / "test.h5", 200, 24, 5, seed=1, spread=1.0, split="test")
-    return d
-
-
-def sets(*items: str) -> list[str]:
+def sets(*items: str, fixed: bool = True) -> list[str]:
     out = []
-    for s in (*FAST, *items):
+    for s in (*FAST, *(FIXED if fixed else ()), *items):
         out += ["--set", s]
     return out
 
@@ -139,11 +132,12 @@ def test_sweep_runs_the_grid_once_loaded(feats, tmp_path):
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 4
-    accs = [float(r["test_accuracy"]) for r in rows]
-    assert accs == sorted(accs, reverse=True)
+    accs = [float(r["val_accuracy"]) for r in rows]
+    assert accs == sorted(accs, reverse=True)  # ranked on validation, never on test
+    assert [r["chosen"] for r in rows] == ["*", "", "", ""]
     assert {(r["cleaner.subset_size"], r["cleaner.weighting"]) for r in rows} == {
         ("1", "constant"), ("1", "fc_fc_relu_sig"), ("2", "constant"), ("2", "fc_fc_relu_sig")}
-    assert (out / "results.md").read_text().startswith("| cleaner.subset_size | cleaner.weighting |")
+    assert (out / "results.md").read_text().startswith("| chosen | cleaner.subset_size | cleaner.weighting |")
     res = invoke("sweep", "--features", str(feats), "--out", str(tmp_path / "s2"), *sets())
     assert res.exit_code == 2 and "[sweep] is empty" in res.output
 

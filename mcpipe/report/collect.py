@@ -112,6 +112,7 @@ def read_sweep(path: Path) -> Sweep:
     if "run" not in columns:
         raise DataError(f"{path / 'results.csv'} has no 'run' column: not written by mcpipe sweep")
     keys = columns[:columns.index("test_accuracy")] if "test_accuracy" in columns else []
+    keys = [k for k in keys if k not in ("chosen", "val_accuracy")]  # the grid's keys only
     runs = [read_run(path / r["run"]) for r in sorted(rows, key=lambda r: r["run"])]
     _, text = _read_toml(path / "config.toml")
     return Sweep(path, keys, runs, text)

@@ -94,29 +94,17 @@ def score_histograms(panels: list[ScorePanel], path: Path) -> Path:
 
 
 def training_curves(history: list[dict], path: Path) -> Path:
-    """Training loss and test accuracy per epoch; finetune phases shaded and named."""
+    """Training loss and accuracy per epoch (validation and test); the best epoch, chosen on validation top-1
+    only, marked; finetune phases shaded and named. Runs without validation keys get no best-epoch mark."""
     epochs = [h["epoch"] for h in history]
     style = "o-" if len(epochs) <= 30 else "-"
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [h["loss"] for h in history], style, color="#1c7ed6")
+    loss_ax.plot(epochs, [h.get("loss", float("nan")) for h in history], style, color="#1c7ed6")
     loss_ax.set(title="Training loss", xlabel="epoch", ylabel="cross-entropy (given noisy labels)")
-    tested = [h for h in history if "test_accuracy" in h or "test_top1" in h]
-    if tested:
-        at = [h["epoch"] for h in tested]
-        top1 = [100 * h.get("test_accuracy", h.get("test_top1")) for h in tested]
-        acc_ax.plot(at, top1, style, color="#e8590c", label=f"top-1 (last {top1[-1]:.2f}%)")
-        if any("test_top5" in h for h in tested):
-            top5 = [100 * h.get("test_top5", np.nan) for h in tested]
-            acc_ax.plot(at, top5, style.replace("o", "s") + "-", color="#9c36b5", label=f"top-5 (last {top5[-1]:.2f}%)")
-        best = max(range(len(top1)), key=top1.__getitem__)
-        acc_ax.plot([at[best]], [top1[best]], "*", markerfacecolor="none", markeredgecolor="black", markersize=16,
-                    label=f"best top-1 {top1[best]:.2f}% (epoch {at[best]})")
-        acc_ax.legend(fontsize="small", loc="best")
-    else:
-        acc_ax.text(0.5, 0.5, "no test split: accuracy not measured", ha="center", va="center",
-                    transform=acc_ax.transAxes)
-    acc_ax.set(title="Test accuracy", xlabel="epoch", ylabel="test accuracy (%)")
+    validated = _accuracy_curves(acc_ax, history, style)
+    acc_ax.set(title="Validation and test accuracy" if validated else "Test accuracy", xlabel="epoch",
+               ylabel="top-1 accuracy (%)" if validated else "test accuracy (%)")
     phases = [h.get("phase") for h in history]
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
@@ -128,6 +116,39 @@ def training_curves(history: list[dict], path: Path) -> Path:
         if len(set(phases) - {None}) > 1:
             _shade_phases(ax, epochs, phases)
     return _save(fig, path)
+
+
+def _first(h: dict, *keys: str) -> float | None:
+    return next((h[k] for k in keys if h.get(k) is not None), None)
+
+
+def _accuracy_curves(ax, history: list[dict], style: str) -> bool:  # noqa: ANN001 - matplotlib Axes
+    """Test top-1/top-5, validation top-1 (given and clean labels) per epoch, and the best epoch by validation
+    top-1 (ties: the earlier); True when the history has validation numbers."""
+    tested = [h for h in history if _first(h, "test_accuracy", "test_top1") is not None]
+    validated = [h for h in history if _first(h, "val_accuracy", "val_top1") is not None]
+    if not tested and not validated:
+        ax.text(0.5, 0.5, "no validation or test split: accuracy not measured", ha="center", va="center",
+                transform=ax.transAxes)
+        return False
+    curves = (("test top-1", tested, ("test_accuracy", "test_top1"), "#e8590c", style),
+              ("test top-5", tested, ("test_top5",), "#9c36b5", style.replace("o", "s") + "-"),
+              ("val top-1, given labels", validated, ("val_accuracy", "val_top1"), "#0c8599", style),
+              ("val top-1, clean labels", validated, ("val_clean_top1",), "#0c8599", style.replace("-", ":")))
+    for name, rows, keys, colour, line in curves:
+        values = [100 * v if (v := _first(h, *keys)) is not None else np.nan for h in rows]
+        if rows and not np.isnan(values).all():
+            ax.plot([h["epoch"] for h in rows], values, line, color=colour, label=f"{name} (last {values[-1]:.2f}%)")
+    if validated:
+        best = max(validated, key=lambda h: _first(h, "val_accuracy", "val_top1"))  # first of equals: earlier
+        test = _first(best, "test_accuracy", "test_top1")
+        ax.axvline(best["epoch"], color="black", linestyle="--", linewidth=1,
+                   label=f"best epoch by val top-1: {best['epoch']}"
+                         + ("" if test is None else f" (test top-1 there {100 * test:.2f}%)"))
+        ax.plot([best["epoch"]], [100 * _first(best, "val_accuracy", "val_top1")], "*", markerfacecolor="none",
+                markeredgecolor="black", markersize=16)
+    ax.legend(fontsize="small", loc="best")
+    return bool(validated)
 
 
 def _shade_phases(ax, epochs: list[int], phases: list[str]) -> None:  # noqa: ANN001 - matplotlib Axes

@@ -124,6 +124,17 @@ def _facts(run: Run) -> list[tuple[str, str]]:
     for key, name in (("train_images", "training images"), ("test_images", "test images")):
         if key in m:
             facts.append((name, f"{m[key]:,}"))
+    if "search" in m:
+        facts.append(("chosen on validation", f"{m['search']['chosen']} (of {len(m['search']['candidates'])} "
+                                              f"candidates{', refitted on all training rows' if m['search']['refit'] else ''})"))
+    if m.get("val_accuracy") is not None:
+        facts.append(("validation accuracy (given labels)", f"{m['val_accuracy']:.4f}"))
+    if m.get("val_clean_accuracy") is not None:
+        facts.append(("validation accuracy (true labels, reported only)", f"{m['val_clean_accuracy']:.4f}"))
+    if "label_issues" in m:
+        li = m["label_issues"]
+        facts.append(("labels flagged by the second round", f"{li['flagged']:,} ({li['estimated_noise_rate']:.1%})"
+                      + (f", precision {li['precision']:.3f}, recall {li['recall']:.3f}" if "precision" in li else "")))
     if m.get("test_accuracy") is not None:
         facts.append(("test top-1 accuracy", f"{m['test_accuracy']:.4f}"))
     if m.get("test_top5") is not None:
