@@ -163,7 +163,8 @@ def _read_search(path: Path, device: torch.device, cfg: Config, prep: Prepared, 
     except Exception as exc:  # truncated, not a torch file, or pickled objects weights_only refuses
         raise DataError(f"--resume: {path} cannot be read: {load_problem(exc)}") from None
     if not isinstance(ckpt, dict) or "search" not in ckpt:
-        raise DataError(f"--resume: {path} is not the checkpoint of an automatic train-head run (train.auto)")
+        raise DataError(f"--resume: {path} is not an mcpipe train-head checkpoint of an automatic run "
+                        "(train.auto; expected the key search)")
     state = ckpt["search"]
     if state is None:
         return None

@@ -391,7 +391,9 @@ def test_a_full_file_system_is_one_line_and_the_store_resumes(tmp_path):
 # --------------------------------------------------------------------------- train-head
 
 HEAD = ["train.epochs=3", "train.lr_step=2", "train.batch_size=64", "cleaner.hidden=16", "train.device=cpu",
-        "cleaner.score_repeats=2", "cleaner.knn_k=5", "noise.kind=symmetric", "noise.rate=0.3"]
+        "cleaner.score_repeats=2", "cleaner.knn_k=5", "noise.kind=symmetric", "noise.rate=0.3",
+        "train.auto=false"]  # the per-epoch checkpoint of a fixed configuration; the search's below
+AUTO = [s for s in HEAD if s != "train.auto=false"] + ["train.cv_folds=3", "train.search_weight_decays=[0.01, 1.0]"]
 
 
 @pytest.fixture(scope="module")
@@ -448,6 +450,28 @@ def test_train_head_killed_at_seeded_points_resumes_to_the_uninterrupted_run(hea
     for name in ("scores.csv", "confusion.csv", "config.toml"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert not leftovers(out), leftovers(out)
+
+
+@pytest.mark.slow
+def test_auto_train_head_killed_during_and_after_its_search_resumes_to_the_uninterrupted_run(head_feats, tmp_path):
+    """kill -9 in the middle of the search (nothing to keep: it starts again) and after it (the refit starts from
+    the search's checkpoint): the resumed run writes what an uninterrupted one writes."""
+    rng = random.Random(SEED + 2)
+    cmd = lambda out, *extra: mcpipe("train-head", "--no-progress", "--features", str(head_feats),  # noqa: E731
+                                     "--out", str(out), *extra, *sets(*AUTO))
+    ref = tmp_path / "ref"
+    assert run(cmd(ref), tmp_path).returncode == 0
+    out = tmp_path / "run"
+    for i, pattern in enumerate((r"^round 1: MetaCleaner", r"^chose ")):
+        kill9_at(cmd(out, *["--resume"] * (i > 0)), tmp_path, pattern=pattern, count=1, delay=rng.uniform(0, 0.05))
+    assert checkpoint(out)["search"] is not None
+    res = run(cmd(out, "--resume"), tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert no_timings(json.loads((ref / "metrics.json").read_text())) == \
+        no_timings(json.loads((out / "metrics.json").read_text()))
+    ha, hb = (torch.load(p / "head.pt", weights_only=True)["state_dict"] for p in (ref, out))
+    assert all(torch.equal(v, hb[k]) for k, v in ha.items())
+    assert (ref / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()
 
 
 def test_a_run_folder_has_one_writer(head_feats, tmp_path):
