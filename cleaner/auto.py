@@ -18,8 +18,16 @@ and scored every epoch by accuracy on the validation rows against their
    pass trains, per weight decay, a head that drops the flagged rows and one
    that relabels them to their most probable class.
 
-The candidate with the highest validation accuracy is chosen (ties go to the
-earlier, simpler one). Why this set: noisy-label accuracy on frozen features
+Candidates are compared on a noise-corrected validation score (accuracy
+against the given labels, corrected with the inverse of the noise matrix
+round 2 estimates, :func:`.issues.corrected_gain`), and the *simplest*
+candidate within one paired standard error of the best is chosen, in the
+order above (round 1 before MetaCleaner before round 2; inside each, the
+larger weight decay first: the classic one-standard-error rule, which takes
+the most regularised model validation cannot tell from the best): a
+thousand noisy validation labels cannot separate candidates a tenth of a
+point apart, and choosing the raw maximum would then choose by chance. Epochs are chosen the same way (the latest epoch within a standard
+error of the best, :class:`~mcpipe.cleaner.linear.EpochChooser`). Why this set: noisy-label accuracy on frozen features
 depends first on regularisation (weight decay and early stopping, which
 stop the linear head from fitting the flipped labels), then on removing the
 labels that look wrong (most of the gain under heavy or structured noise),
@@ -41,7 +49,7 @@ import torch
 from torch import Tensor
 
 from mcpipe.cleaner.issues import ACTIONS, cleaned, corrected_gain, find_issues, noise_matrix
-from mcpipe.cleaner.linear import LinearFits, fit_linear_heads
+from mcpipe.cleaner.linear import TOLERANCE, EpochChooser, LinearFits, fit_linear_heads
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.sampler import OnRows
 from mcpipe.cleaner.split import folds
@@ -65,6 +73,7 @@ class Candidate:
     seconds: float = 0.0
     val_curve: list[float] = field(default_factory=list)  # validation score per epoch (chose the best epoch)
     val_score: float = float("nan")      # what chooses: val_accuracy corrected for the estimated noise
+    val_clean_accuracy: float = float("nan")  # against the true validation labels where known: reported, never used
 
     def record(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()
@@ -121,38 +130,51 @@ def linear_head(cfg: Config, fits: LinearFits, h: int) -> Head:
 def train_cleaner(cfg: Config, head: Head, features: Tensor, given: Tensor, sampler: OnRows, *, epochs: int,
                   val: tuple[Tensor, np.ndarray] | None,
                   on_epoch: Callable[[int, Head, float], None] | None = None) -> tuple[Head, list[float], int]:
-    """Train ``head`` for ``epochs`` epochs; keep the state of its best validation epoch.
+    """Train ``head`` for ``epochs`` epochs; keep the state of the epoch validation chooses (:class:`EpochChooser`).
 
-    Returns (head at its best epoch (the last without ``val``), validation accuracy per epoch, best epoch).
+    Returns (head at that epoch (the last without ``val``), validation accuracy per epoch, that epoch).
     ``on_epoch(epoch, head, loss)`` is called after every epoch.
     """
     optimizer, scheduler = make_optimizer(head, cfg.train)
     curve: list[float] = []
-    best, best_epoch, best_state = -1.0, epochs, None
+    chooser, chosen_state = EpochChooser(1), None
     for epoch in range(epochs):
         stats = train_one_epoch(head, features, given, sampler, epoch, optimizer)
         scheduler.step()
         if val is not None:
-            acc = float((predict(head, val[0])[0] == val[1]).mean())
-            curve.append(acc)
-            if acc > best:
-                best, best_epoch = acc, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            hits = torch.from_numpy(predict(head, val[0])[0] == val[1]).float()[None]
+            curve.append(float(hits.mean()))
+            if chooser.update(epoch, hits)[0]:
+                chosen_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
         if on_epoch is not None:
             on_epoch(epoch, head, stats["loss"])
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    return head, curve, best_epoch
+    if chosen_state is not None:
+        head.load_state_dict(chosen_state)
+    return head, curve, int(chooser.chosen_epoch[0]) if val is not None else epochs
+
+
+def _row_scores(pred: np.ndarray, given: np.ndarray, gain: np.ndarray | None) -> np.ndarray:
+    """(V,) gain[pred, given] per validation row (1/0 hits when gain is None)."""
+    return (pred == given).astype(np.float64) if gain is None else gain[pred, given]
 
 
 def _score(pred: np.ndarray, given: np.ndarray, gain: np.ndarray | None) -> float:
-    """Mean gain[pred, given] (accuracy when gain is None)."""
-    return float((pred == given).mean() if gain is None else gain[pred, given].mean())
+    return float(_row_scores(pred, given, gain).mean())
+
+
+def _choose(rows: np.ndarray) -> int:
+    """(K, V) row scores of K candidates, simplest first -> the first candidate within ``TOLERANCE`` paired
+    standard errors of the best: a candidate is passed over only when validation can tell it is worse."""
+    means = rows.mean(1)
+    diff = rows[int(np.argmax(means))] - rows
+    se = diff.std(1, ddof=1) / np.sqrt(max(rows.shape[1], 1))
+    return int(np.flatnonzero(diff.mean(1) <= TOLERANCE * se + 1e-12)[0])
 
 
 def search(cfg: Config, features: Tensor, given: np.ndarray, fit_rows: np.ndarray, val: tuple[Tensor, np.ndarray],
            *, num_classes: int, val_rows: np.ndarray | None, mean: Tensor, std: Tensor,
-           new_head: Callable[[Config], Head], cleaner_sampler: Callable[[Config], OnRows]) -> Search:
+           new_head: Callable[[Config], Head], cleaner_sampler: Callable[[Config], OnRows],
+           val_clean: np.ndarray | None = None) -> Search:
     """Train the candidates (see the module docstring) and choose one on ``val``.
 
     Args:
@@ -161,10 +183,12 @@ def search(cfg: Config, features: Tensor, given: np.ndarray, fit_rows: np.ndarra
             (``val_rows`` = their rows in ``features``) or from a val.h5 store (``val_rows`` = None).
         mean, std: (D,) the standardisation every head uses.
         new_head: config -> a fresh :class:`Head` (seeded). cleaner_sampler: config -> sampler over fit rows.
+        val_clean: (V,) true validation labels, -1 unknown: each candidate's accuracy against them is recorded
+            for the user (synthetic noise experiments) and never read by the choice.
     """
     start = time.perf_counter()
     t = cfg.train
-    wds = np.asarray(t.search_weight_decays, dtype=np.float64)
+    wds = np.sort(np.asarray(t.search_weight_decays, dtype=np.float64))[::-1].copy()  # most regularised first
     sizes = search_sizes(cfg)
     y_fit = given[fit_rows]
     val_x, val_y = val
@@ -262,7 +286,10 @@ def search(cfg: Config, features: Tensor, given: np.ndarray, fit_rows: np.ndarra
     for c, pred in zip(candidates, val_preds):
         c.val_accuracy = _score(pred, val_y, None)
         c.val_score = _score(pred, val_y, gain)
-    chosen = int(np.argmax([c.val_score for c in candidates]))  # first on ties: the simpler candidate
+        if val_clean is not None and (val_clean >= 0).any():
+            known = val_clean >= 0
+            c.val_clean_accuracy = _score(pred[known], val_clean[known], None)
+    chosen = _choose(np.stack([_row_scores(p, val_y, gain) for p in val_preds]))
     y_final, w_final = all_labels[candidates[chosen].action]
     return Search(candidates, chosen, heads[chosen](), y_final, w_final, probs, issues, gain,
                   time.perf_counter() - start)

@@ -13,8 +13,9 @@ each head follows the trajectory it would follow alone on the same batches;
 the heads never interact (the loss is a sum of per-head terms).
 
 Every epoch each head is scored on a validation set against its (given)
-labels and its best epoch's weights are kept (early stopping, ties to the
-earlier epoch): the number of epochs is chosen per head on validation.
+labels and the weights of its chosen epoch are kept (:class:`EpochChooser`:
+the latest epoch within a paired standard error of the best): the number of
+epochs is chosen per head on validation.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor
 from mcpipe.config import TrainConfig
 
 _EVAL_ROWS = 8192
+TOLERANCE = 1.0  # paired standard errors within which a later epoch or a simpler candidate is preferred
 
 
 @dataclass
@@ -38,7 +40,8 @@ class LinearFits:
 
     Attributes:
         weight: (H, C, D) float32. bias: (H, C) float32.
-        best_epoch: (H,) int, 1-based epoch whose weights are kept (the last epoch when no validation).
+        best_epoch: (H,) int, 1-based epoch whose weights are kept (:class:`EpochChooser`; the last epoch when
+            no validation).
         val_accuracy: (H,) float, validation score at ``best_epoch`` (accuracy, or the ``gain`` score; NaN
             without validation).
         curves: (E, H) float, validation score after every epoch.
@@ -77,17 +80,48 @@ def _logits(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return (z @ weight.reshape(h * c, d).T).view(-1, h, c) + bias
 
 
-def _val_score(z_val: Tensor | None, y_val: Tensor | None, weight: Tensor, bias: Tensor,
-               gain: Tensor | None) -> Tensor | None:
-    """(H,) mean of gain[prediction, given label] over the validation rows; accuracy when gain is None (= I)."""
-    if z_val is None or len(z_val) == 0:
-        return None
-    total = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+def _val_rows(z_val: Tensor, y_val: Tensor, weight: Tensor, bias: Tensor, gain: Tensor | None) -> Tensor:
+    """(H, V) float32 score of every validation row: gain[prediction, given label], or 1/0 for a hit when gain
+    is None."""
+    out = []
     for start in range(0, len(z_val), _EVAL_ROWS):
         pred = _logits(z_val[start:start + _EVAL_ROWS], weight, bias).argmax(-1)  # (B, H)
         y = y_val[start:start + _EVAL_ROWS, None].expand_as(pred)
-        total += (pred == y).sum(0) if gain is None else gain[pred, y].sum(0, dtype=torch.float64)
-    return total / len(z_val)
+        out.append((pred == y).float() if gain is None else gain[pred, y].float())
+    return torch.cat(out).T
+
+
+class EpochChooser:
+    """Early stopping that validation noise cannot fool: the *latest* epoch whose validation score is within
+    ``TOLERANCE`` paired standard errors of the best so far.
+
+    A validation split of a thousand noisy labels cannot tell two epochs a tenth of a point apart; picking the
+    raw maximum then picks a premature epoch by chance. Epochs are compared on the same rows (paired: the
+    standard error of the mean difference of row scores), and the later, longer-trained one is kept unless
+    the best is clearly better -- as under heavy label noise, where later epochs fit the wrong labels. For
+    H models at once: ``update`` takes (H, V) row scores and returns which models take this epoch.
+    """
+
+    def __init__(self, heads: int) -> None:
+        self.best_rows: Tensor | None = None
+        self.best_mean = torch.full((heads,), -float("inf"), dtype=torch.float64)
+        self.chosen_mean = np.full(heads, np.nan)
+        self.chosen_epoch = np.zeros(heads, dtype=np.int64)
+
+    def update(self, epoch: int, rows: Tensor) -> np.ndarray:
+        rows = rows.detach().to("cpu", torch.float64)
+        mean = rows.mean(1)
+        if self.best_rows is None:
+            self.best_rows = rows.clone()
+        better = mean > self.best_mean
+        self.best_rows[better] = rows[better]
+        self.best_mean[better] = mean[better]
+        diff = self.best_rows - rows
+        se = diff.std(1, unbiased=True).nan_to_num(0.0) / max(rows.shape[1], 1) ** 0.5
+        take = (diff.mean(1) <= TOLERANCE * se + 1e-12).numpy()
+        self.chosen_mean[take] = mean.numpy()[take]
+        self.chosen_epoch[take] = epoch + 1
+        return take
 
 
 def fit_linear_heads(features: Tensor, rows: np.ndarray, labels: np.ndarray, weights: np.ndarray,
@@ -133,8 +167,7 @@ def fit_linear_heads(features: Tensor, rows: np.ndarray, labels: np.ndarray, wei
         y_val = torch.from_numpy(np.asarray(val[1], dtype=np.int64)).to(device)
     gain_t = None if gain is None else torch.as_tensor(np.asarray(gain), dtype=torch.float64, device=device)
     best_w, best_b = weight.detach().clone(), bias.detach().clone()
-    best_acc = np.full(h, -1.0)
-    best_epoch = np.zeros(h, dtype=np.int64)
+    chooser = EpochChooser(h)
     curves = np.full((epochs, h), np.nan)
     losses = np.zeros((epochs, h))
     batch = max(1, train.batch_size)
@@ -157,22 +190,17 @@ def fit_linear_heads(features: Tensor, rows: np.ndarray, labels: np.ndarray, wei
         losses[epoch] = (total / max(batches, 1)).cpu().numpy()
         scheduler.step()
         with torch.no_grad():
-            acc = _val_score(z_val, y_val, weight, bias, gain_t)
-            if acc is None:
-                best_w.copy_(weight)
-                best_b.copy_(bias)
-                best_epoch[:] = epoch + 1
+            if z_val is None:
+                take = np.ones(h, dtype=bool)
+                chooser.chosen_epoch[:] = epoch + 1
             else:
-                acc = acc.cpu().numpy()
-                curves[epoch] = acc
-                better = acc > best_acc
-                if better.any():
-                    idx = torch.from_numpy(np.flatnonzero(better)).to(device)
-                    best_w[idx] = weight[idx]
-                    best_b[idx] = bias[idx]
-                    best_acc[better] = acc[better]
-                    best_epoch[better] = epoch + 1
+                scores = _val_rows(z_val, y_val, weight, bias, gain_t)
+                curves[epoch] = scores.mean(1).cpu().numpy()
+                take = chooser.update(epoch, scores)
+            if take.any():
+                idx = torch.from_numpy(np.flatnonzero(take)).to(device)
+                best_w[idx] = weight[idx]
+                best_b[idx] = bias[idx]
         if on_epoch is not None:
             on_epoch(epoch, weight.detach(), bias.detach())
-    val_acc = best_acc if z_val is not None else np.full(h, np.nan)
-    return LinearFits(best_w, best_b, best_epoch, val_acc, curves, losses, mean, std)
+    return LinearFits(best_w, best_b, chooser.chosen_epoch, chooser.chosen_mean, curves, losses, mean, std)

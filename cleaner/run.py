@@ -340,7 +340,7 @@ def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.nd
         found = search(cfg, prep.train_x, given, fit_rows, (val.x, val.given), num_classes=prep.train.num_classes,
                        val_rows=val.rows, mean=mean.to(prep.device), std=std.to(prep.device),
                        new_head=lambda c: _new_head(c, prep, mean, std),
-                       cleaner_sampler=lambda c: _sampler(c, given, fit_rows, graph))
+                       cleaner_sampler=lambda c: _sampler(c, given, fit_rows, graph), val_clean=val.clean)
         bar.update(task, total=1, completed=1)
         save_atomic({"config": config_text, "search": _search_state(found)}, out / "checkpoint.pt")
     choice = found.choice
