@@ -1,40 +1,44 @@
 """``train.auto``: choose the head for the user's labels on the validation split, in one process.
 
 Candidates, all trained on the fit rows (training rows minus the hold-out)
-and scored every epoch by accuracy on the validation rows against their
-*given* labels (the test split is never read here):
+and scored every epoch on the validation rows against their *given* labels
+(the test split is never read here):
 
 1. Round 1, softmax (N = 1): one head per weight decay in
    ``train.search_weight_decays``, trained together in one batched pass
-   (:mod:`mcpipe.cleaner.linear`); each keeps its best epoch.
+   (:mod:`mcpipe.cleaner.linear`).
 2. Round 1, MetaCleaner: one head per subset size N > 1 of
    ``train.search_sizes`` (default: ``cleaner.subset_size``), with the
-   configured weighting and weight decay, best epoch kept.
-3. Round 2 (``train.second_round``): ``train.cv_folds`` softmax heads at the
-   best round-1 weight decay, each trained without one fold (one batched
-   pass), give every fit row an out-of-sample probability; the validation
-   rows get the round-1 head's. Confident learning (:mod:`.issues`) flags
-   the labels that look wrong with per-class thresholds; then one batched
-   pass trains, per weight decay, a head that drops the flagged rows and one
-   that relabels them to their most probable class.
+   configured weighting and weight decay.
+3. Round 2 (``train.second_round``): ``train.cv_folds`` softmax heads, each
+   trained without one fold (one batched pass), give every fit row an
+   out-of-sample probability (the validation rows get the round-1 head's).
+   Their weight decay is the best round-1 one, re-chosen once on the
+   noise-corrected score below. Confident learning (:mod:`.issues`) flags
+   the labels that look wrong with per-class thresholds and estimates the
+   noise matrix; one batched pass then trains, per weight decay, a head that
+   drops the flagged rows and one that relabels them to their most probable
+   class.
 
-Candidates are compared on a noise-corrected validation score (accuracy
-against the given labels, corrected with the inverse of the noise matrix
-round 2 estimates, :func:`.issues.corrected_gain`), and the *simplest*
-candidate within one paired standard error of the best is chosen, in the
-order above (round 1 before MetaCleaner before round 2; inside each, the
-larger weight decay first: the classic one-standard-error rule, which takes
-the most regularised model validation cannot tell from the best): a
-thousand noisy validation labels cannot separate candidates a tenth of a
-point apart, and choosing the raw maximum would then choose by chance. Epochs are chosen the same way (the latest epoch within a standard
-error of the best, :class:`~mcpipe.cleaner.linear.EpochChooser`). Why this set: noisy-label accuracy on frozen features
-depends first on regularisation (weight decay and early stopping, which
-stop the linear head from fitting the flipped labels), then on removing the
-labels that look wrong (most of the gain under heavy or structured noise),
-and MetaCleaner's subsets help where the cleaner itself beats those. The
-softmax heads cost little (one batched pass trains a dozen), so the search
-costs about two fixed-configuration MetaCleaner runs (measured in
-``bench/accuracy.py``).
+Every candidate keeps the *latest* epoch within one paired standard error
+of its best (:class:`~mcpipe.cleaner.linear.EpochChooser`). Candidates are
+compared on a noise-corrected validation score (accuracy against the given
+labels corrected with the inverse of the estimated noise matrix,
+:func:`.issues.corrected_gain`; plain accuracy without a second round), and
+the first candidate within one paired standard error of the best is chosen,
+in the order above (round 1 before MetaCleaner before round 2; inside each,
+the larger weight decay first: the classic one-standard-error rule, which
+takes the most regularised model that validation cannot tell from the best).
+A thousand noisy validation labels cannot separate candidates a tenth of a
+point apart; choosing the raw maximum would choose by chance.
+
+Why this set: on frozen features, accuracy under label noise depends first on
+regularisation (weight decay, early stopping: they stop the linear head from
+fitting the flipped labels), then on removing the labels that look wrong
+(most of the gain under heavy or structured noise); MetaCleaner's subsets
+compete where they beat those. The softmax heads cost little (one batched
+pass trains a dozen), so the whole search costs about two fixed-configuration
+MetaCleaner runs on the demo's features (measured by ``bench/accuracy.py``).
 """
 
 from __future__ import annotations

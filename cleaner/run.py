@@ -11,9 +11,7 @@ first) and ``confusion.csv`` (test split, when there is one).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
 import time
 import tomllib
@@ -26,23 +24,23 @@ import torch
 from mcpipe.cleaner import knn
 from mcpipe.cleaner.auto import Candidate, Search, linear_head, search, train_cleaner
 from mcpipe.cleaner.linear import LinearFits, fit_linear_heads
-from mcpipe.cleaner.metrics import accuracy, confusion, detection, label_truth
+from mcpipe.cleaner.metrics import accuracy
 from mcpipe.cleaner.model import Head
+from mcpipe.cleaner.outputs import finish
 from mcpipe.cleaner.noise import noise_from_config
 from mcpipe.cleaner.sampler import OnRows, SubsetSampler
 from mcpipe.cleaner.split import holdout
-from mcpipe.cleaner.train import alpha_scores, make_optimizer, predict, set_accuracy, train_one_epoch
+from mcpipe.cleaner.train import make_optimizer, predict, train_one_epoch
 from mcpipe.config import Config, config_from_dict, replace, to_toml
 from mcpipe.devices import resolve_device
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
-from mcpipe.rundir import save_atomic, start_run_dir, write_confusion, write_json_atomic, write_text_atomic
+from mcpipe.rundir import save_atomic, start_run_dir, write_json_atomic
 from mcpipe.store.reader import FeatureStore, open_store, read_features
 
 log = logging.getLogger(__name__)
 
-HEAD_FORMAT = "mcpipe-head"
 RUN_SECTIONS = ("noise", "cleaner", "train")
 VAL_SPLITS = ("val", "verified_val")  # stores chosen on, when beside train.h5 (imagefolder/Clothing1M, Food-101N)
 _CHECKPOINT_KEYS = {"head", "optimizer", "scheduler", "epoch", "history", "config"}
@@ -179,12 +177,6 @@ def _read_search(path: Path, device: torch.device, cfg: Config, prep: Prepared, 
                   as_np(state["probs"]), as_np(state["issues"]), as_np(state["gain"]), state["seconds"])
 
 
-def _provenance(store: FeatureStore) -> dict:
-    keys = ("backbone", "weights", "weights_sha256", "preprocessing", "image_size", "source_fingerprint",
-            "config_fingerprint", "dataset")
-    return {k: store.attrs.get(k) for k in keys}
-
-
 def run_config_text(cfg: Config, store: FeatureStore, sections: tuple[str, ...] = ("store", *RUN_SECTIONS)) -> str:
     """A head run's ``config.toml``: ``[data]``/``[extract]`` as the feature store recorded them, then ``sections``.
 
@@ -276,7 +268,7 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
             head, history = _fixed(cfg, prep, out, config_text, given, sampler, val, mean, std, resume=resume,
                                    bar=bar)
             found = None
-    metrics = _finish(cfg, prep, head, out, given, clean, graph, history, fit_rows, val, found)
+    metrics = finish(cfg, prep, head, out, given, clean, graph, history, fit_rows, val, found)
     metrics["seconds"] = time.perf_counter() - start
     write_json_atomic(metrics, out / "metrics.json")
     run_lock.release()
@@ -398,117 +390,6 @@ def _resume(path: Path, device: torch.device, head: Head, optimizer, scheduler) 
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     return ckpt["history"], ckpt["epoch"] + 1
-
-
-def _finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarray, clean: np.ndarray, graph,
-            history: list[dict], fit_rows: np.ndarray, val: Validation | None, found: Search | None) -> dict:
-    store = prep.train
-    n = head.cleaner.subset_size
-    pred, probs = predict(head, prep.train_x)
-    rows = np.arange(len(given))
-    scores = {
-        "alpha": alpha_scores(head, prep.train_x, given, subset_size=n, repeats=cfg.cleaner.score_repeats,
-                              seed=cfg.train.seed),
-        "classifier": probs[rows, given],
-        "knn": knn.agreement(graph, given),
-    }
-    if found is not None and found.probs is not None:
-        scores["cross_validated"] = found.probs[rows, given]
-    metrics: dict = {"history": history, "train_images": int(len(given)), "subset_size": n,
-                     "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
-                               "realized_rate": float((given != store.labels).mean())},
-                     "features": str(prep.features_dir.resolve())}
-    metrics |= _validation_metrics(cfg, head, fit_rows, val, found)
-    if prep.test is not None:
-        test_pred = predict(head, prep.test_x)[0]
-        metrics["test_accuracy"] = accuracy(test_pred, prep.test.labels)
-        if found is not None and metrics.get("search", {}).get("refit"):  # reported, so the refit can be judged
-            metrics["test_accuracy_before_refit"] = accuracy(predict(found.head, prep.test_x)[0], prep.test.labels)
-        write_confusion(confusion(test_pred, prep.test.labels, store.num_classes), list(store.classes),
-                        out / "confusion.csv")
-        metrics["test_images"] = int(len(prep.test.labels))
-        if n > 1:
-            metrics["set_accuracy"] = set_accuracy(head, prep.test_x, prep.test.labels, subset_size=n,
-                                                   seed=cfg.train.seed)
-    # a human check of the given label (Food-101N's verification) counts only for the labels as given
-    known, wrong = label_truth(given, clean, store.verified if cfg.noise.kind == "none" else None)
-    flagged = None if found is None or found.issues is None else int(found.issues.sum())
-    found_by = {name: detection(s, known, wrong, flag=flagged) for name, s in scores.items()}
-    metrics["detection"] = {name: d for name, d in found_by.items() if d is not None}
-    if found is not None and found.issues is not None:
-        metrics["label_issues"] = _issue_metrics(found.issues, known, wrong)
-    rank = cfg.train.rank_by
-    if found_by[rank] is not None:
-        metrics["noise_detection_auroc"] = found_by[rank]["auroc"]
-        metrics["noise_detection_ap"] = found_by[rank]["average_precision"]
-    metrics["ranked_by"] = rank
-    trained = found.labels if found is not None else given
-    weights = found.weights if found is not None else np.ones(len(given))
-    split = np.full(len(given), "fit", dtype=object)
-    if val is not None and val.rows is not None:
-        split[val.rows] = "val"
-    _write_scores(out / "scores.csv", store, given, clean, np.where(known, ~wrong, -1), pred, scores, rank,
-                  issues=None if found is None else found.issues, trained=np.where(weights > 0, trained, -1),
-                  split=split)
-    save_atomic({"format": HEAD_FORMAT, "version": 1, "state_dict": head.state_dict(), "head": head.config(),
-                 "classes": list(store.classes), "feature_dim": store.feature_dim,
-                 "provenance": _provenance(store), "config": to_toml(cfg)}, out / "head.pt")
-    return metrics
-
-
-def _validation_metrics(cfg: Config, head: Head, fit_rows: np.ndarray, val: Validation | None,
-                        found: Search | None) -> dict:
-    """What chose, and how the final model does on it (against the given labels; clean ones where known)."""
-    if val is None:
-        return {"chosen_on": "none"}
-    m: dict = {"chosen_on": "val", "validation": {"source": val.source, "images": int(len(val.given))}}
-    refitted = found is not None and cfg.train.refit and val.rows is not None
-    if found is not None:
-        m["search"] = {"chosen": found.choice.name, "refit": refitted, "seconds": round(found.seconds, 3),
-                       "candidates": [c.record() for c in found.candidates]}
-        m["best_epoch"] = found.choice.best_epoch
-    # the model that never saw the validation rows: the final one, or the chosen candidate before its refit
-    pred = predict(found.head if refitted else head, val.x)[0]
-    m["val_accuracy"] = accuracy(pred, val.given)
-    if (val.clean >= 0).any():
-        known = val.clean >= 0
-        m["val_clean_accuracy"] = accuracy(pred[known], val.clean[known])
-    return m
-
-
-def _issue_metrics(issues: np.ndarray, known: np.ndarray, wrong: np.ndarray) -> dict:
-    """How the second round's flags compare with the truth, where it is known."""
-    m = {"flagged": int(issues.sum()), "estimated_noise_rate": float(issues.mean())}
-    if known.any():
-        tp = int((issues & wrong & known).sum())
-        m["precision"] = tp / max(int((issues & known).sum()), 1)
-        m["recall"] = tp / max(int(wrong.sum()), 1)
-    return m
-
-
-def _write_scores(path: Path, store: FeatureStore, given, clean, correct, pred, scores: dict, rank: str, *,
-                  issues: np.ndarray | None, trained: np.ndarray, split: np.ndarray) -> None:
-    """One row per training image, most suspect (lowest ``rank`` score) first.
-
-    ``correct``: (M,) 1 given label known right, 0 known wrong, -1 unknown (written as "").
-    Both rounds' view: ``cross_validated_score`` (round 1's out-of-sample p(given)) and ``label_issue``
-    (flagged by confident learning), then ``trained_label`` (what the final model trained with; empty =
-    dropped) and the final model's ``classifier_score``. ``split``: fit or val (the hold-out chosen on)."""
-    order = np.argsort(scores[rank], kind="stable")
-    names = store.classes
-    cv = scores.get("cross_validated")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["rank", "id", "split", "given_label", "predicted_label", "clean_label", "given_label_correct",
-                "alpha_score", "classifier_score", "knn_score", "cross_validated_score", "label_issue",
-                "trained_label"])
-    for r, i in enumerate(order, 1):
-        w.writerow([r, store.ids[i], split[i], names[given[i]], names[pred[i]],
-                    names[clean[i]] if clean[i] >= 0 else "", "" if correct[i] < 0 else int(correct[i]),
-                    f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", f"{scores['knn'][i]:.4f}",
-                    "" if cv is None else f"{cv[i]:.5f}", "" if issues is None else int(issues[i]),
-                    names[trained[i]] if trained[i] >= 0 else ""])
-    write_text_atomic(buf.getvalue(), path)  # a full disk or read-only folder: one line naming the file
 
 
 def run(cfg: Config, *, features: str | Path, out: str | Path, resume: bool = False, overwrite: bool = False,

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.noise import noise_from_config
-from mcpipe.cleaner.run import HEAD_FORMAT
+from mcpipe.cleaner.outputs import HEAD_FORMAT
 from mcpipe.cleaner.sampler import SubsetSampler
 from mcpipe.config import Config, to_toml
 from mcpipe.devices import resolve_device

@@ -1,0 +1,146 @@
+"""What a head run leaves behind: ``metrics.json``'s numbers, ``scores.csv``, ``confusion.csv``, ``head.pt``.
+
+``finish`` scores every training image with the final head (and the search's
+cross-validated probabilities, when there was a search), measures test and
+validation accuracy and noise detection, and writes the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mcpipe.cleaner import knn
+from mcpipe.cleaner.auto import Search
+from mcpipe.cleaner.metrics import accuracy, confusion, detection, label_truth
+from mcpipe.cleaner.model import Head
+from mcpipe.cleaner.train import alpha_scores, predict, set_accuracy
+from mcpipe.config import Config, to_toml
+from mcpipe.rundir import save_atomic, write_confusion, write_text_atomic
+from mcpipe.store.reader import FeatureStore
+
+if TYPE_CHECKING:
+    from mcpipe.cleaner.run import Prepared, Validation
+
+HEAD_FORMAT = "mcpipe-head"
+
+
+def _provenance(store: FeatureStore) -> dict:
+    keys = ("backbone", "weights", "weights_sha256", "preprocessing", "image_size", "source_fingerprint",
+            "config_fingerprint", "dataset")
+    return {k: store.attrs.get(k) for k in keys}
+
+
+def finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarray, clean: np.ndarray, graph,
+            history: list[dict], fit_rows: np.ndarray, val: Validation | None, found: Search | None) -> dict:
+    store = prep.train
+    n = head.cleaner.subset_size
+    pred, probs = predict(head, prep.train_x)
+    rows = np.arange(len(given))
+    scores = {
+        "alpha": alpha_scores(head, prep.train_x, given, subset_size=n, repeats=cfg.cleaner.score_repeats,
+                              seed=cfg.train.seed),
+        "classifier": probs[rows, given],
+        "knn": knn.agreement(graph, given),
+    }
+    if found is not None and found.probs is not None:
+        scores["cross_validated"] = found.probs[rows, given]
+    metrics: dict = {"history": history, "train_images": int(len(given)), "subset_size": n,
+                     "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
+                               "realized_rate": float((given != store.labels).mean())},
+                     "features": str(prep.features_dir.resolve())}
+    metrics |= _validation_metrics(cfg, head, fit_rows, val, found)
+    if prep.test is not None:
+        test_pred = predict(head, prep.test_x)[0]
+        metrics["test_accuracy"] = accuracy(test_pred, prep.test.labels)
+        if found is not None and metrics.get("search", {}).get("refit"):  # reported, so the refit can be judged
+            metrics["test_accuracy_before_refit"] = accuracy(predict(found.head, prep.test_x)[0], prep.test.labels)
+        write_confusion(confusion(test_pred, prep.test.labels, store.num_classes), list(store.classes),
+                        out / "confusion.csv")
+        metrics["test_images"] = int(len(prep.test.labels))
+        if n > 1:
+            metrics["set_accuracy"] = set_accuracy(head, prep.test_x, prep.test.labels, subset_size=n,
+                                                   seed=cfg.train.seed)
+    # a human check of the given label (Food-101N's verification) counts only for the labels as given
+    known, wrong = label_truth(given, clean, store.verified if cfg.noise.kind == "none" else None)
+    flagged = None if found is None or found.issues is None else int(found.issues.sum())
+    found_by = {name: detection(s, known, wrong, flag=flagged) for name, s in scores.items()}
+    metrics["detection"] = {name: d for name, d in found_by.items() if d is not None}
+    if found is not None and found.issues is not None:
+        metrics["label_issues"] = _issue_metrics(found.issues, known, wrong)
+    rank = cfg.train.rank_by
+    if found_by[rank] is not None:
+        metrics["noise_detection_auroc"] = found_by[rank]["auroc"]
+        metrics["noise_detection_ap"] = found_by[rank]["average_precision"]
+    metrics["ranked_by"] = rank
+    trained = found.labels if found is not None else given
+    weights = found.weights if found is not None else np.ones(len(given))
+    split = np.full(len(given), "fit", dtype=object)
+    if val is not None and val.rows is not None:
+        split[val.rows] = "val"
+    _write_scores(out / "scores.csv", store, given, clean, np.where(known, ~wrong, -1), pred, scores, rank,
+                  issues=None if found is None else found.issues, trained=np.where(weights > 0, trained, -1),
+                  split=split)
+    save_atomic({"format": HEAD_FORMAT, "version": 1, "state_dict": head.state_dict(), "head": head.config(),
+                 "classes": list(store.classes), "feature_dim": store.feature_dim,
+                 "provenance": _provenance(store), "config": to_toml(cfg)}, out / "head.pt")
+    return metrics
+
+
+def _validation_metrics(cfg: Config, head: Head, fit_rows: np.ndarray, val: Validation | None,
+                        found: Search | None) -> dict:
+    """What chose, and how the final model does on it (against the given labels; clean ones where known)."""
+    if val is None:
+        return {"chosen_on": "none"}
+    m: dict = {"chosen_on": "val", "validation": {"source": val.source, "images": int(len(val.given))}}
+    refitted = found is not None and cfg.train.refit and val.rows is not None
+    if found is not None:
+        m["search"] = {"chosen": found.choice.name, "refit": refitted, "seconds": round(found.seconds, 3),
+                       "candidates": [c.record() for c in found.candidates]}
+        m["best_epoch"] = found.choice.best_epoch
+    # the model that never saw the validation rows: the final one, or the chosen candidate before its refit
+    pred = predict(found.head if refitted else head, val.x)[0]
+    m["val_accuracy"] = accuracy(pred, val.given)
+    if (val.clean >= 0).any():
+        known = val.clean >= 0
+        m["val_clean_accuracy"] = accuracy(pred[known], val.clean[known])
+    return m
+
+
+def _issue_metrics(issues: np.ndarray, known: np.ndarray, wrong: np.ndarray) -> dict:
+    """How the second round's flags compare with the truth, where it is known."""
+    m = {"flagged": int(issues.sum()), "estimated_noise_rate": float(issues.mean())}
+    if known.any():
+        tp = int((issues & wrong & known).sum())
+        m["precision"] = tp / max(int((issues & known).sum()), 1)
+        m["recall"] = tp / max(int(wrong.sum()), 1)
+    return m
+
+
+def _write_scores(path: Path, store: FeatureStore, given, clean, correct, pred, scores: dict, rank: str, *,
+                  issues: np.ndarray | None, trained: np.ndarray, split: np.ndarray) -> None:
+    """One row per training image, most suspect (lowest ``rank`` score) first.
+
+    ``correct``: (M,) 1 given label known right, 0 known wrong, -1 unknown (written as "").
+    Both rounds' view: ``cross_validated_score`` (round 1's out-of-sample p(given)) and ``label_issue``
+    (flagged by confident learning), then ``trained_label`` (what the final model trained with; empty =
+    dropped) and the final model's ``classifier_score``. ``split``: fit or val (the hold-out chosen on)."""
+    order = np.argsort(scores[rank], kind="stable")
+    names = store.classes
+    cv = scores.get("cross_validated")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["rank", "id", "split", "given_label", "predicted_label", "clean_label", "given_label_correct",
+                "alpha_score", "classifier_score", "knn_score", "cross_validated_score", "label_issue",
+                "trained_label"])
+    for r, i in enumerate(order, 1):
+        w.writerow([r, store.ids[i], split[i], names[given[i]], names[pred[i]],
+                    names[clean[i]] if clean[i] >= 0 else "", "" if correct[i] < 0 else int(correct[i]),
+                    f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", f"{scores['knn'][i]:.4f}",
+                    "" if cv is None else f"{cv[i]:.5f}", "" if issues is None else int(issues[i]),
+                    names[trained[i]] if trained[i] >= 0 else ""])
+    write_text_atomic(buf.getvalue(), path)  # a full disk or read-only folder: one line naming the file
