@@ -128,8 +128,8 @@ class CleanerConfig:
     subset_size: int = 4
     """N, images per class subset; 1 = the plain softmax baseline."""
     weighting: Weighting = "relation"
-    """Noisy Weighting: relation (permutation-equivariant, ours; the default because bench/accuracy.py measured it
-    more accurate and far better at finding flipped labels) or the paper's six variants (Table 2)."""
+    """Noisy Weighting: relation (permutation-equivariant, ours: each image scored against the rest of its subset)
+    or the paper's six variants (Table 2)."""
     combine: Literal["hallucinate", "loss_reweight"] = "hallucinate"
     """How alpha is used: v_c = sum(alpha v) / sum(alpha), or alpha weighting each image's loss (Table 3)."""
     hidden: int = 384
