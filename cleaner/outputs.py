@@ -79,9 +79,8 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarray
     metrics["ranked_by"] = rank
     trained = found.labels if found is not None else given
     weights = found.weights if found is not None else np.ones(len(given))
-    split = np.full(len(given), "fit", dtype=object)
-    if val is not None and val.rows is not None:
-        split[val.rows] = "val"
+    split = np.full(len(given), "val", dtype=object)  # the hold-out, or images a val.h5 shares with train.h5
+    split[fit_rows] = "fit"
     _write_scores(out / "scores.csv", store, given, clean, np.where(known, ~wrong, -1), pred, scores, rank,
                   issues=None if found is None else found.issues, trained=np.where(weights > 0, trained, -1),
                   split=split)
@@ -128,7 +127,8 @@ def _write_scores(path: Path, store: FeatureStore, given, clean, correct, pred, 
     ``correct``: (M,) 1 given label known right, 0 known wrong, -1 unknown (written as "").
     Both rounds' view: ``cross_validated_score`` (round 1's out-of-sample p(given)) and ``label_issue``
     (flagged by confident learning), then ``trained_label`` (what the final model trained with; empty =
-    dropped) and the final model's ``classifier_score``. ``split``: fit or val (the hold-out chosen on)."""
+    dropped) and the final model's ``classifier_score``. ``split``: fit, or val (chosen on, not trained on before
+    a refit)."""
     order = np.argsort(scores[rank], kind="stable")
     names = store.classes
     cv = scores.get("cross_validated")

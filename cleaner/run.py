@@ -215,7 +215,11 @@ def _validation(cfg: Config, prep: Prepared, given: np.ndarray, clean: np.ndarra
         v = prep.val
         keep = np.ones(len(v.labels), bool) if v.verified is None else v.verified == 1  # human-checked right
         x = prep.val_x if keep.all() else prep.val_x[torch.from_numpy(np.flatnonzero(keep)).to(prep.device)]
-        return everything, Validation(v.path.name, x, v.labels[keep], v.clean_labels[keep])
+        # Food-101N's verified_val images are also in its training set: never train on what chooses
+        shared = np.isin(np.asarray(prep.train.ids, dtype=object), np.asarray(v.ids, dtype=object)[keep])
+        if shared.any():
+            log.info("%d training images are also in %s: left out of training", shared.sum(), v.path.name)
+        return everything[~shared], Validation(v.path.name, x, v.labels[keep], v.clean_labels[keep])
     if cfg.train.val_fraction == 0:
         return everything, None
     fit_rows, val_rows = holdout(given, cfg.train.val_fraction, seed=cfg.train.seed)

@@ -18,6 +18,7 @@ from mcpipe.cleaner.noise import apply_noise
 from mcpipe.cleaner.split import folds, holdout
 from mcpipe.cli import app
 from mcpipe.config import TrainConfig
+from mcpipe.store.synthetic import write_synthetic_store
 
 FAST = ["train.epochs=4", "train.lr_step=3", "train.batch_size=64", "cleaner.hidden=16", "train.device=cpu",
         "cleaner.score_repeats=2", "cleaner.knn_k=5", "train.cv_folds=3", "train.val_fraction=0.2",
@@ -165,3 +166,20 @@ def test_auto_without_validation_is_refused(feats, tmp_path):
     res = run_head(feats, tmp_path / "run", "train.val_fraction=0")
     assert res.exit_code == 2 and "train.auto" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_val_store_chooses_and_is_never_trained_on(tmp_path):
+    """val.h5 beside train.h5 replaces the hold-out; images it shares with train.h5 are left out of training."""
+    d = tmp_path / "feats"
+    write_synthetic_store(d / "train.h5", 400, 24, 5, seed=1, spread=1.0, split="train")
+    write_synthetic_store(d / "val.h5", 100, 24, 5, seed=2, spread=1.0, split="train")  # ids = the first 100
+    write_synthetic_store(d / "test.h5", 100, 24, 5, seed=3, spread=1.0, split="test")
+    out = tmp_path / "run"
+    res = run_head(d, out, "noise.kind=symmetric", "noise.rate=0.2")
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["validation"] == {"source": "val.h5", "images": 100} and m["search"]["refit"] is False
+    assert m["train_images"] == 400 and "test_accuracy_before_refit" not in m
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    left_out = {r["id"] for r in rows if r["split"] == "val"}
+    assert left_out == {f"synthetic/train/{i:07d}" for i in range(100)}
