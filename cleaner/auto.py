@@ -117,18 +117,17 @@ def search_sizes(cfg: Config) -> list[int]:
     return sorted(set(cfg.train.search_sizes or (1, cfg.cleaner.subset_size)))
 
 
-def linear_head(cfg: Config, fits: LinearFits, h: int) -> Head:
-    """Head ``h`` of ``fits`` as an N = 1 :class:`Head` (cleaner unused, classifier = the linear head)."""
+def linear_head(cfg: Config, weight: Tensor, bias: Tensor, mean: Tensor, std: Tensor) -> Head:
+    """A linear head (weight (C, D), bias (C,) on standardised features) as an N = 1 :class:`Head`."""
     c = cfg.cleaner
-    d = fits.weight.shape[2]
     with torch.random.fork_rng(devices=[]):  # the (unused) cleaner's weights: seeded, so runs repeat exactly
         torch.manual_seed(cfg.train.seed)
-        head = Head(d, fits.weight.shape[1], subset_size=1, hidden=c.hidden, weighting=c.weighting,
-                    combine=c.combine, mean=fits.mean.cpu(), std=fits.std.cpu())
+        head = Head(weight.shape[1], weight.shape[0], subset_size=1, hidden=c.hidden, weighting=c.weighting,
+                    combine=c.combine, mean=mean.cpu(), std=std.cpu())
     with torch.no_grad():
-        head.classifier.weight.copy_(fits.weight[h].cpu())
-        head.classifier.bias.copy_(fits.bias[h].cpu())
-    return head.to(fits.weight.device)
+        head.classifier.weight.copy_(weight.cpu())
+        head.classifier.bias.copy_(bias.cpu())
+    return head.to(weight.device)
 
 
 def train_cleaner(cfg: Config, head: Head, features: Tensor, given: Tensor, sampler: OnRows, *, epochs: int,
@@ -215,7 +214,7 @@ def search(cfg: Config, features: Tensor, given: np.ndarray, fit_rows: np.ndarra
         for i, wd in enumerate(wds):
             candidates.append(Candidate(f"softmax, weight decay {wd:g}", 1, 1, float(wd), "", 0.0,
                                         int(r1.best_epoch[i]), secs / h, r1.curves[:, i].tolist()))
-            heads.append(lambda i=i: linear_head(cfg, r1, i))
+            heads.append(lambda i=i: linear_head(cfg, r1.weight[i], r1.bias[i], mean, std))
             val_preds.append(r1_pred[:, i])
     log.info("round 1: %d softmax heads in %.1f s, validation accuracy %s", h, secs,
              " ".join(f"{a:.4f}" for a in r1.val_accuracy))
@@ -283,7 +282,7 @@ def search(cfg: Config, features: Tensor, given: np.ndarray, fit_rows: np.ndarra
             candidates.append(Candidate(f"round 2: {action} flagged, weight decay {wd:g}", 2, 1, float(wd), action,
                                         0.0, int(r2.best_epoch[j]), (secs + cv_secs) / len(decays),
                                         r2.curves[:, j].tolist()))
-            heads.append(lambda j=j: linear_head(cfg, r2, j))
+            heads.append(lambda j=j: linear_head(cfg, r2.weight[j], r2.bias[j], mean, std))
             val_preds.append(r2_pred[:, j])
         log.info("round 2: %d softmax heads in %.1f s", len(decays), secs)
 

@@ -58,16 +58,21 @@ class LinearFits:
     mean: Tensor
     std: Tensor
 
-    @torch.inference_mode()
     def probabilities(self, features: Tensor, heads: list[int] | None = None) -> np.ndarray:
         """(M, D) features -> (M, len(heads), C) softmax probabilities (all heads when None)."""
         w = self.weight if heads is None else self.weight[heads]
         b = self.bias if heads is None else self.bias[heads]
-        out = []
-        for start in range(0, len(features), _EVAL_ROWS):
-            z = _standardize(features[start:start + _EVAL_ROWS], self.mean, self.std)
-            out.append(torch.softmax(_logits(z, w, b), dim=-1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, len(w), w.shape[1]), np.float32)
+        return probabilities(features, w, b, self.mean, self.std)
+
+
+@torch.inference_mode()
+def probabilities(features: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, std: Tensor) -> np.ndarray:
+    """(M, D) features, H heads (weight (H, C, D), bias (H, C)) -> (M, H, C) softmax probabilities."""
+    out = []
+    for start in range(0, len(features), _EVAL_ROWS):
+        z = _standardize(features[start:start + _EVAL_ROWS], mean, std)
+        out.append(torch.softmax(_logits(z, weight, bias), dim=-1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(weight), weight.shape[1]), np.float32)
 
 
 def _standardize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -128,7 +133,7 @@ def fit_linear_heads(features: Tensor, rows: np.ndarray, labels: np.ndarray, wei
                      weight_decay: np.ndarray, *, num_classes: int, mean: Tensor, std: Tensor, train: TrainConfig,
                      epochs: int | None = None, val: tuple[Tensor, np.ndarray] | None = None,
                      gain: np.ndarray | None = None, seed: int = 0,
-                     on_epoch: Callable[[int, Tensor, Tensor], None] | None = None) -> LinearFits:
+                     on_epoch: Callable[[int, Tensor, Tensor, np.ndarray], None] | None = None) -> LinearFits:
     """Train H softmax heads on ``features[rows]`` with SGD, the step schedule of ``train``.
 
     Args:
@@ -142,7 +147,7 @@ def fit_linear_heads(features: Tensor, rows: np.ndarray, labels: np.ndarray, wei
             With the inverse of an estimated noise matrix it estimates accuracy against the true labels
             (:func:`mcpipe.cleaner.issues.corrected_gain`).
         seed: order of the rows, one permutation per epoch.
-        on_epoch: called after every epoch with (epoch, weight (H, C, D), bias (H, C)), e.g. to report.
+        on_epoch: called after every epoch with (epoch, weight (H, C, D), bias (H, C), mean loss (H,)), to report.
 
     Returns the heads at their best validation epoch (at the last epoch without ``val``).
     """
@@ -202,5 +207,5 @@ def fit_linear_heads(features: Tensor, rows: np.ndarray, labels: np.ndarray, wei
                 best_w[idx] = weight[idx]
                 best_b[idx] = bias[idx]
         if on_epoch is not None:
-            on_epoch(epoch, weight.detach(), bias.detach())
+            on_epoch(epoch, weight.detach(), bias.detach(), losses[epoch])
     return LinearFits(best_w, best_b, chooser.chosen_epoch, chooser.chosen_mean, curves, losses, mean, std)

@@ -23,7 +23,7 @@ import torch
 
 from mcpipe.cleaner import knn
 from mcpipe.cleaner.auto import Candidate, Search, linear_head, search, train_cleaner
-from mcpipe.cleaner.linear import LinearFits, fit_linear_heads
+from mcpipe.cleaner.linear import fit_linear_heads, probabilities
 from mcpipe.cleaner.metrics import accuracy
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.outputs import finish
@@ -279,13 +279,13 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
     return metrics
 
 
-def _epoch_row(prep: Prepared, head: Head, epoch: int, loss: float, lr: float, val: Validation | None,
-               seconds: float, images: int) -> dict:
-    row = {"epoch": epoch + 1, "loss": loss, "lr": lr, "images_per_second": images / max(seconds, 1e-9)}
+def _scored(prep: Prepared, val: Validation | None, predictions) -> dict:
+    """Validation and test accuracy of a model given as ``predictions``: (M, D) features -> (M,) classes."""
+    row = {}
     if val is not None:
-        row["val_accuracy"] = accuracy(predict(head, val.x)[0], val.given)
+        row["val_accuracy"] = accuracy(predictions(val.x), val.given)
     if prep.test is not None:
-        row["test_accuracy"] = accuracy(predict(head, prep.test_x)[0], prep.test.labels)
+        row["test_accuracy"] = accuracy(predictions(prep.test_x), prep.test.labels)
     return row
 
 
@@ -311,8 +311,9 @@ def _fixed(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.n
                                 on_batch=lambda k, loss: bar.update(task, advance=k,
                                                                     description=f"{label} loss {loss:.3f}"))
         scheduler.step()
-        row = _epoch_row(prep, head, epoch, stats["loss"], optimizer.param_groups[0]["lr"], val, stats["seconds"],
-                         stats["images"])
+        row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": optimizer.param_groups[0]["lr"],
+               "images_per_second": stats["images"] / max(stats["seconds"], 1e-9),
+               **_scored(prep, val, lambda x: predict(head, x)[0])}
         history.append(row)
         save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
@@ -351,29 +352,25 @@ def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.nd
     everything = np.arange(len(given), dtype=np.int64)
     history: list[dict] = []
     if choice.subset_size == 1:
-        def on_epoch(epoch, weight, bias):
-            fits = LinearFits(weight, bias, None, None, None, None, found.head.mean, found.head.std)
-            row = _epoch_row(prep, linear_head(cfg, fits, 0), epoch, float("nan"), float("nan"), None, 1, 0)
-            history.append(row)
+        m, s = found.head.mean, found.head.std
+
+        def on_linear_epoch(epoch, weight, bias, loss):
+            history.append({"epoch": epoch + 1, "loss": float(loss[0]), **_scored(
+                prep, None, lambda x: probabilities(x, weight, bias, m, s)[:, 0].argmax(1))})
 
         fits = fit_linear_heads(prep.train_x, everything, found.labels[None], found.weights[None],
-                                np.array([choice.weight_decay]), num_classes=prep.train.num_classes,
-                                mean=found.head.mean, std=found.head.std, train=cfg.train,
-                                epochs=choice.best_epoch, seed=cfg.train.seed, on_epoch=on_epoch)
-        for row, loss in zip(history, fits.losses[:, 0]):
-            row["loss"] = float(loss)
-            del row["lr"], row["images_per_second"]
-        return linear_head(cfg, fits, 0), history, found
+                                np.array([choice.weight_decay]), num_classes=prep.train.num_classes, mean=m, std=s,
+                                train=cfg.train, epochs=choice.best_epoch, seed=cfg.train.seed,
+                                on_epoch=on_linear_epoch)
+        return linear_head(cfg, fits.weight[0], fits.bias[0], m, s), history, found
     head = _new_head(point, prep, mean, std)
     sampler = _sampler(point, found.labels, everything, graph)
 
     def on_epoch(epoch, h, loss):
-        history.append(_epoch_row(prep, h, epoch, loss, float("nan"), None, 1, 0))
+        history.append({"epoch": epoch + 1, "loss": loss, **_scored(prep, None, lambda x: predict(h, x)[0])})
 
     head, _, _ = train_cleaner(point, head, prep.train_x, torch.from_numpy(found.labels).to(prep.device), sampler,
                                epochs=choice.best_epoch, val=None, on_epoch=on_epoch)
-    for row in history:
-        del row["lr"], row["images_per_second"]
     return head, history, found
 
 
