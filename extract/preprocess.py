@@ -93,11 +93,12 @@ def eval_transform(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
     ])
 
 
-def train_transform(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB image -> (3, S, S) float32: random resized crop, horizontal flip, normalise."""
+def train_transform(p: Preprocess, *, crop_scale: float = 0.08) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> (3, S, S) float32: random resized crop (at least ``crop_scale`` of the area),
+    horizontal flip, normalise."""
     return v2.Compose([
         v2.PILToTensor(),
-        v2.RandomResizedCrop(p.image_size, interpolation=InterpolationMode(p.interpolation), antialias=True),
+        v2.RandomResizedCrop(p.image_size, scale=(crop_scale, 1.0), interpolation=InterpolationMode(p.interpolation), antialias=True),
         v2.RandomHorizontalFlip(),
         *_normalize(p),
     ])

@@ -56,6 +56,7 @@ from mcpipe.cleaner.split import stratified_holdout
 from mcpipe.finetune.data import ShuffledBatches, SubsetBatches, TrainImages, collate
 from mcpipe.finetune.export import export_model
 from mcpipe.finetune.model import Net
+from mcpipe.finetune.schedule import phase_scheduler
 from mcpipe.finetune.train import evaluate, train_epoch
 from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
@@ -144,19 +145,57 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
     clean_t = torch.from_numpy(clean.labels).to(device) if clean is not None else None
     total_epochs = sum(p.epochs for p in plan(cfg))
     replaced = ckpt["replaced"] if ckpt else 0
+
+    def evaluated() -> tuple[dict, np.ndarray | None]:
+        """Top-1 on validation (given and clean labels) and test, cleaner removed; the test confusion counts."""
+        scores, confusion = {}, None
+        if val is not None:  # the same eval transform, sharding and all-reduce as the test split
+            scores.update(evaluate(net, val, pre, device=device, amp=amp, batch_size=f.batch_size,
+                                   workers=f.workers, info=info, name="val", clean=True)[0])
+        if test is not None:
+            more, confusion = evaluate(net, test, pre, device=device, amp=amp, batch_size=f.batch_size,
+                                       workers=f.workers, info=info)
+            scores.update(more)
+        return scores, confusion
+
+    def export(metrics: dict, confusion: np.ndarray | None) -> None:
+        export_model(out, net, backbone=cfg.extract.backbone, image_size=cfg.extract.image_size,
+                     classes=train.classes, pre=pre, provenance=backbone.provenance,
+                     metrics={k: metrics[k] for k in ("test_accuracy", "test_top5") if k in metrics})
+        if confusion is not None:
+            write_confusion(confusion, list(test.classes), out / "confusion.csv")
+
+    keep_best = f.export == "best" and val is not None
+    begin = ckpt.get("start") if ckpt else None
+    if ckpt is None and head_run is not None and val is not None:
+        # the network as the head left it is a candidate too: fine-tuning must beat it on validation
+        scores, confusion = evaluated()
+        begin = {"epoch": 0, "phase": "start", **scores}
+        if info.is_main:
+            log.info("start (the head on the pretrained backbone): val top-1 %.4f%s", begin["val_top1"],
+                     f", test top-1 {begin['test_top1']:.4f}" if "test_top1" in begin else "")
+            if keep_best:
+                export(_metrics(cfg, history, train, given, val, 0.0, 0, begin), confusion)
+        barrier(info)
     epoch = 0
     for phase in plan(cfg):
         index, labels_t, labels = (clean, clean_t, clean.labels) if phase.name == "clean" else (train, given_t, given)
         if epoch + phase.epochs <= done:
             epoch += phase.epochs
             continue
-        optimizer, scheduler = _optimizer(net, cfg)
+        dataset = TrainImages(index, labels, train_transform(pre, crop_scale=f.crop_scale), seed=f.seed,
+                              min_size=pre.resize)
+        subsets = (SubsetSampler(labels, subset_size=head.cleaner.subset_size, batch_size=f.batch_size, seed=f.seed)
+                   if phase.cleaner else None)
+
+        def epoch_batches(e: int) -> SubsetBatches | ShuffledBatches:
+            return (SubsetBatches(subsets, e, rank=info.rank, world=info.world_size) if phase.cleaner else
+                    ShuffledBatches(len(index), f.batch_size, e, seed=f.seed, rank=info.rank, world=info.world_size))
+
+        optimizer, scheduler = _optimizer(net, cfg, phase.epochs, len(epoch_batches(epoch)))
         if ckpt is not None and ckpt["phase"] == phase.name and done > epoch:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-        dataset = TrainImages(index, labels, train_transform(pre), seed=f.seed, min_size=pre.resize)
-        subsets = (SubsetSampler(labels, subset_size=head.cleaner.subset_size, batch_size=f.batch_size, seed=f.seed)
-                   if phase.cleaner else None)
         model, wrapped_for = net, None
         for e in range(phase.epochs):
             if epoch < done:
@@ -171,9 +210,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
                 model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                                 find_unused_parameters=not phase.cleaner)
                 wrapped_for = trainable
-            batches = (SubsetBatches(subsets, epoch, rank=info.rank, world=info.world_size) if phase.cleaner else
-                       ShuffledBatches(len(index), f.batch_size, epoch, seed=f.seed, rank=info.rank,
-                                       world=info.world_size))
+            batches = epoch_batches(epoch)
             if len(batches) == 0:
                 raise DataError(f"split {index.split!r} has {len(index)} images: not one batch of "
                                 f"{f.batch_size} per process; lower finetune.batch_size")
@@ -182,44 +219,42 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
             with progress_bar(progress and info.is_main) as bar:
                 task = bar.add_task(f"{phase.name} {epoch + 1}/{total_epochs}", total=len(batches) * f.batch_size)
                 stats = train_epoch(model, net, loader, labels_t, cleaner=phase.cleaner, optimizer=optimizer,
-                                    device=device, amp=amp, info=info,
+                                    scheduler=scheduler, device=device, amp=amp, info=info,
                                     on_batch=lambda k, msg: bar.update(task, advance=k, description=(
                                         f"{phase.name} {epoch + 1}/{total_epochs} {msg}")))
-            scheduler.step()
             replaced += stats["replaced"]
             row = {"epoch": epoch + 1, "phase": phase.name, "loss": stats["loss"],
                    "lr": optimizer.param_groups[-1]["lr"], "backbone_lr": optimizer.param_groups[0]["lr"],
                    "backbone_trained": trainable, "images_per_second": stats["images_per_second"]}
-            confusion = None
-            if val is not None:  # the same eval transform, sharding and all-reduce as the test split
-                row.update(evaluate(net, val, pre, device=device, amp=amp, batch_size=f.batch_size,
-                                    workers=f.workers, info=info, name="val", clean=True)[0])
-            if test is not None:
-                scores, confusion = evaluate(net, test, pre, device=device, amp=amp, batch_size=f.batch_size,
-                                             workers=f.workers, info=info)
-                row.update(scores)
+            scores, confusion = evaluated()
+            row.update(scores)
             history.append(row)
             epoch += 1
             seconds = seconds_before + time.perf_counter() - start
+            row["seconds"] = seconds  # wall time of the run so far, evaluations included
             if info.is_main:
-                metrics = _metrics(cfg, history, train, given, val, seconds, replaced)
+                metrics = _metrics(cfg, history, train, given, val, seconds, replaced, begin)
+                if keep_best and metrics["best_epoch"] == epoch:  # before the checkpoint: a resume re-exports
+                    export(metrics, confusion)
+                elif not keep_best and confusion is not None:
+                    write_confusion(confusion, list(test.classes), out / "confusion.csv")
                 save_atomic({"format": CHECKPOINT_FORMAT, "model": net.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "epoch": epoch, "phase": phase.name, "history": history, "seconds": seconds,
-                             "replaced": replaced, "config": config_text}, out / "checkpoint.pt")
+                             "replaced": replaced, "config": config_text, "start": begin}, out / "checkpoint.pt")
                 write_json_atomic(metrics, out / "metrics.json")
-                if confusion is not None:
-                    write_confusion(confusion, list(test.classes), out / "confusion.csv")
                 log.info("epoch %d/%d (%s): loss %.4f%s%s, %.1f img/s", epoch, total_epochs, phase.name,
                          row["loss"], f", val top-1 {row['val_top1']:.4f}" if "val_top1" in row else "",
                          f", test top-1 {row['test_top1']:.4f}" if "test_top1" in row else "",
                          row["images_per_second"])
             barrier(info)
-    metrics = _metrics(cfg, history, train, given, val, seconds_before + time.perf_counter() - start, replaced)
+    metrics = _metrics(cfg, history, train, given, val, seconds_before + time.perf_counter() - start, replaced,
+                       begin)
     if info.is_main:
-        export_model(out, net, backbone=cfg.extract.backbone, image_size=cfg.extract.image_size,
-                     classes=train.classes, pre=pre, provenance=backbone.provenance,
-                     metrics={k: metrics[k] for k in ("test_accuracy", "test_top5") if k in metrics})
+        if not keep_best:  # (the best epoch's model was written when it was reached)
+            export_model(out, net, backbone=cfg.extract.backbone, image_size=cfg.extract.image_size,
+                         classes=train.classes, pre=pre, provenance=backbone.provenance,
+                         metrics={k: metrics[k] for k in ("test_accuracy", "test_top5") if k in metrics})
         write_json_atomic(metrics, out / "metrics.json")
         run_lock.release()
     barrier(info)
@@ -297,12 +332,16 @@ def _load_head(run: Path, cfg: Config, feature_dim: int, classes: list[str]) -> 
     return head
 
 
-def _optimizer(net: Net, cfg: Config) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.StepLR]:
+def _optimizer(net: Net, cfg: Config, epochs: int,
+               steps_per_epoch: int) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """A phase's SGD (backbone and head groups) and its per-step schedule (``mcpipe.finetune.schedule``)."""
     f = cfg.finetune
     groups = [{"params": list(net.backbone.parameters()), "lr": f.backbone_lr},
               {"params": list(net.head.parameters()), "lr": f.lr}]
     optimizer = torch.optim.SGD(groups, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay, fused=True)
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=f.lr_step, gamma=f.lr_gamma)
+    return optimizer, phase_scheduler(optimizer, schedule=f.lr_schedule, steps_per_epoch=steps_per_epoch,
+                                      epochs=epochs, warmup_epochs=f.warmup_epochs, lr_step=f.lr_step,
+                                      lr_gamma=f.lr_gamma)
 
 
 def _read_checkpoint(out: Path, device: torch.device, config_text: str) -> dict:
@@ -319,21 +358,22 @@ def _read_checkpoint(out: Path, device: torch.device, config_text: str) -> dict:
 
 
 def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndarray, val: SplitIndex | None,
-             seconds: float, replaced: int) -> dict:
+             seconds: float, replaced: int, begin: dict | None = None) -> dict:
     """``metrics.json``: the best epoch is chosen on validation top-1 (given labels; ties: the earlier epoch),
-    never on the test split. ``test_accuracy`` / ``test_top5`` are the last epoch's, the exported model's."""
+    never on the test split; with ``--head``, epoch 0 (``start``: the head on the pretrained backbone, before
+    any training) is a candidate too. The exported model is the best epoch's (``finetune.export = "best"``,
+    with a validation set) or the last epoch's; ``test_accuracy`` / ``test_top5`` are the exported model's."""
     m: dict = {"history": history, "seconds": seconds, "train_images": len(train), "images_replaced": replaced,
                "phases": [{"name": p.name, "epochs": p.epochs, "split": p.split} for p in plan(cfg)],
                "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
                          "realized_rate": float((given != train.labels).mean())},
                "val_images": 0 if val is None else len(val),
                "val_from": None if val is None else val.split, "chosen_on": "none" if val is None else "val"}
-    tested = [h for h in history if "test_top1" in h]
-    if tested:
-        m["test_accuracy"] = tested[-1]["test_top1"]
-        if "test_top5" in tested[-1]:
-            m["test_top5"] = tested[-1]["test_top5"]
-    validated = [h for h in history if "val_top1" in h]
+    if begin is not None:
+        m["start"] = begin
+    rows = ([begin] if begin is not None else []) + history
+    validated = [h for h in rows if "val_top1" in h]
+    best = None
     if validated:
         best = max(validated, key=lambda h: h["val_top1"])  # max keeps the first of equals: the earlier epoch
         m["best_epoch"], m["best_val_accuracy"] = best["epoch"], best["val_top1"]
@@ -341,4 +381,14 @@ def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndar
             m["val_clean_accuracy_at_best_epoch"] = best["val_clean_top1"]
         if "test_top1" in best:
             m["test_accuracy_at_best_epoch"] = best["test_top1"]
+    exported = best if cfg.finetune.export == "best" and best is not None else (history[-1] if history else None)
+    if exported is not None:
+        m["exported_epoch"] = exported["epoch"]
+        if "test_top1" in exported:
+            m["test_accuracy"] = exported["test_top1"]
+            if "test_top5" in exported:
+                m["test_top5"] = exported["test_top5"]
+    tested = [h for h in history if "test_top1" in h]
+    if tested:
+        m["test_accuracy_last_epoch"] = tested[-1]["test_top1"]
     return m

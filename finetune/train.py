@@ -24,7 +24,8 @@ from mcpipe.finetune.model import Net
 
 
 def train_epoch(model: torch.nn.Module, net: Net, loader: DataLoader, labels: torch.Tensor, *, cleaner: bool,
-                optimizer: torch.optim.Optimizer, device: torch.device, amp: bool, info: DistInfo,
+                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                device: torch.device, amp: bool, info: DistInfo,
                 on_batch: Callable[[int, str], None]) -> dict:
     """One pass over ``loader`` (batches of ``(images, rows, rows read)``); ``labels`` (N,) indexed by row.
 
@@ -48,6 +49,8 @@ def train_epoch(model: torch.nn.Module, net: Net, loader: DataLoader, labels: to
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += loss.detach()
         batches += 1
         images_seen += len(images)

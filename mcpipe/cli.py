@@ -236,7 +236,7 @@ def finetune_summary(m: dict, out: Path) -> str:
     parts = [f"{len(m['history'])} epochs ({phases})"]
     if "test_accuracy" in m:
         parts.append(f"test top-1 {m['test_accuracy']:.4f}" + (f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else "")
-                     + " (last epoch)")
+                     + f" (epoch {m['exported_epoch']}, exported)")
     if "best_epoch" in m:
         at = m.get("test_accuracy_at_best_epoch")
         parts.append(f"best epoch by validation {m['best_epoch']} (val top-1 {m['best_val_accuracy']:.4f}"

@@ -217,8 +217,13 @@ class FinetuneConfig:
     """SGD learning rate of the cleaner and classifier."""
     backbone_lr: float = 0.001
     """SGD learning rate of the backbone."""
+    lr_schedule: Literal["cosine", "step"] = "cosine"
+    """Per phase, stepped every batch: cosine = half a cosine from lr down to 0 at the phase's end; step = lr
+    divided by 1 / lr_gamma every lr_step epochs. Both after warmup_epochs of linear warm-up."""
+    warmup_epochs: float = 0.0
+    """Epochs (fractions allowed) of linear warm-up at the start of each phase."""
     lr_step: int = 5
-    """Epochs between learning-rate drops, counted inside each phase."""
+    """lr_schedule = step: epochs between learning-rate drops, counted inside each phase."""
     lr_gamma: float = 0.1
     """Factor of each drop."""
     momentum: float = 0.9
@@ -244,6 +249,13 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     """Without val_split: share of train_split's images (stratified by given label, seeded by seed) held out of
     training for validation, with their given labels; 0 = no validation."""
+    crop_scale: float = 0.08
+    """Smallest share of an image's area the random resized crop keeps (ImageNet training: 0.08; 1 = only
+    resize, flip and aspect jitter)."""
+    export: Literal["best", "last"] = "best"
+    """Which weights model.pt gets: best = those of the epoch with the highest validation top-1 (with --head,
+    epoch 0, the head on the pretrained backbone, counts too); last = the last epoch's. Without a validation
+    set: last."""
     workers: int = 2
     """DataLoader processes decoding images (0 = in the training process)."""
     freeze_bn: bool = True
@@ -262,6 +274,7 @@ class FinetuneConfig:
         _check(self.batch_size >= 1, "finetune.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, "finetune.lr", self.lr, "a number > 0")
         _check(self.backbone_lr >= 0, "finetune.backbone_lr", self.backbone_lr, "a number >= 0")
+        _check(self.warmup_epochs >= 0, "finetune.warmup_epochs", self.warmup_epochs, "a number >= 0")
         _check(self.lr_step >= 1, "finetune.lr_step", self.lr_step, "an integer >= 1")
         _check(0 < self.lr_gamma <= 1, "finetune.lr_gamma", self.lr_gamma, "a number in (0, 1]")
         _check(0 <= self.momentum < 1, "finetune.momentum", self.momentum, "a number in [0, 1)")
@@ -272,6 +285,7 @@ class FinetuneConfig:
                "at least one epoch in some phase (epochs, unload_epochs or clean_epochs)")
         _check(bool(self.clean_split) == (self.clean_epochs > 0), "finetune.clean_split", self.clean_split,
                "a split name exactly when finetune.clean_epochs > 0")
+        _check(0 < self.crop_scale <= 1, "finetune.crop_scale", self.crop_scale, "a number in (0, 1]")
         _check(0 <= self.val_fraction < 1, "finetune.val_fraction", self.val_fraction, "a number in [0, 1)")
         for key in ("train_split", "test_split", "clean_split"):
             _check(not self.val_split or self.val_split != getattr(self, key), "finetune.val_split", self.val_split,

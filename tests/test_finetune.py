@@ -120,8 +120,24 @@ def test_head_initialisation_and_its_refusals(data, tmp_path):
     saved = torch.load(head / "head.pt", weights_only=True)
     for k, v in saved["state_dict"].items():
         assert torch.equal(loaded.state_dict()[k], v)
-    res = finetune(data, tmp_path / "run", args=("--head", str(head)))
+    res = finetune(data, tmp_path / "run", "finetune.epochs=2", args=("--head", str(head)))
     assert res.exit_code == 0, res.output
+    # epoch 0, the head on the pretrained backbone before any step, is evaluated and is a candidate
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    rows = [m["start"], *m["history"]]
+    assert m["start"]["epoch"] == 0 and m["start"]["val_images"] == 12 and "test_top1" in m["start"]
+    best = max(rows, key=lambda h: h["val_top1"])
+    assert (m["best_epoch"], m["exported_epoch"], m["test_accuracy"]) == (best["epoch"],) * 2 + (best["test_top1"],)
+    # model.pt holds the chosen epoch's weights: its test top-1, recomputed, is the one recorded for that epoch
+    from mcpipe.finetune.train import evaluate
+
+    net, meta = load_model(tmp_path / "run")
+    test = load_index(load_config(None, [s for s in settings(data) if s != "--set"]).data, "test")
+    from mcpipe.extract.preprocess import Preprocess
+
+    again = evaluate(net, test, Preprocess.from_dict(meta["preprocessing"]), device=torch.device("cpu"), amp=False,
+                     batch_size=12, workers=0)[0]
+    assert again["test_top1"] == best["test_top1"] == meta["metrics"]["test_accuracy"]
 
     # another backbone, another class list, files that are not heads
     res = finetune(data, tmp_path / "r2", "extract.backbone=resnet34", args=("--head", str(head)))
@@ -179,7 +195,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     b = json.loads((out / "metrics.json").read_text())
-    strip = lambda h: [{k: v for k, v in r.items() if k != "images_per_second"} for r in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("images_per_second", "seconds")} for r in h]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
     wa = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
     wb = torch.load(out / "model.pt", weights_only=True)
@@ -323,12 +339,20 @@ def test_best_epoch_is_chosen_on_validation_not_test():
                {"epoch": 3, "val_top1": 0.9, "test_top1": 0.95}, {"epoch": 4, "val_top1": 0.1, "test_top1": 0.4}]
     m = _metrics(cfg, history, train, train.labels, val, 1.0, 0)
     assert (m["best_epoch"], m["best_val_accuracy"], m["test_accuracy_at_best_epoch"]) == (2, 0.9, 0.3)  # tie: 2
-    assert m["test_accuracy"] == 0.4 and m["chosen_on"] == "val" and m["val_images"] == 2
-    assert "best_test_accuracy" not in m
+    # export = best: model.pt is epoch 2's, and test_accuracy its test top-1; the last epoch's is reported apart
+    assert (m["exported_epoch"], m["test_accuracy"], m["test_accuracy_last_epoch"]) == (2, 0.3, 0.4)
+    assert m["chosen_on"] == "val" and m["val_images"] == 2 and "best_test_accuracy" not in m
+    last = _metrics(_config(Path("."), "finetune.epochs=4", "finetune.export=last"), history, train, train.labels,
+                    val, 1.0, 0)
+    assert (last["best_epoch"], last["exported_epoch"], last["test_accuracy"]) == (2, 4, 0.4)
+    # with --head, epoch 0 (the head on the pretrained backbone) is a candidate; ties keep the earlier
+    start = {"epoch": 0, "phase": "start", "val_top1": 0.9, "test_top1": 0.25}
+    m0 = _metrics(cfg, history, train, train.labels, val, 1.0, 0, start)
+    assert (m0["best_epoch"], m0["exported_epoch"], m0["test_accuracy"], m0["start"]) == (0, 0, 0.25, start)
     none = _metrics(cfg, [{k: v for k, v in h.items() if k != "val_top1"} for h in history], train, train.labels,
                     None, 1.0, 0)
     assert none["chosen_on"] == "none" and none["val_images"] == 0 and "best_epoch" not in none
-    assert none["test_accuracy"] == 0.4
+    assert none["test_accuracy"] == 0.4 and none["exported_epoch"] == 4
 
 
 def test_test_labels_do_not_change_what_is_chosen(data, tmp_path):
@@ -380,3 +404,16 @@ def test_training_curves_mark_the_best_epoch_by_validation_and_still_draw_old_ru
     for name, history in (("new", new), ("old", old), ("untested", [{"epoch": 1, "loss": 1.0}])):
         png = training_curves(history, tmp_path / f"{name}.png")
         assert png.stat().st_size > 5000
+
+
+def test_lr_schedules_warm_up_then_decay_per_step():
+    from mcpipe.finetune.schedule import lr_factor
+
+    kw = dict(steps_per_epoch=10, epochs=3, warmup_epochs=0.5, lr_step=1, lr_gamma=0.1)
+    cos = [lr_factor(s, schedule="cosine", **kw) for s in range(30)]
+    assert cos[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6]) and cos[5] == 1.0  # linear warm-up
+    assert all(a > b for a, b in zip(cos[5:], cos[6:])) and 0 < cos[-1] < 0.01  # down to ~0 at the last step
+    step = [lr_factor(s, schedule="step", **kw) for s in range(30)]
+    assert step[5:10] == [1.0] * 5 and step[10:20] == [pytest.approx(0.1)] * 10 and step[29] == pytest.approx(0.01)
+    assert lr_factor(0, schedule="cosine", steps_per_epoch=4, epochs=1, warmup_epochs=0, lr_step=1,
+                     lr_gamma=0.1) == 1.0  # no warm-up: the full rate at once
