@@ -50,6 +50,8 @@ def init(info: DistInfo, device: torch.device) -> None:
     if not info.enabled or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":  # nccl's collectives, barriers included, run on the current device: this rank's
+        torch.cuda.set_device(device)
     # extraction of a large split takes hours; ranks wait for the slowest at the barrier
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=12))
     log.info("rank %d of %d joined the %s process group", info.rank, info.world_size, backend)

@@ -208,7 +208,8 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
             net.set_backbone_trainable(trainable)
             if info.enabled and wrapped_for != trainable:  # DDP holds the parameters that need gradients
                 model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                find_unused_parameters=not phase.cleaner)
+                                                find_unused_parameters=not phase.cleaner,
+                                                broadcast_buffers=not f.freeze_bn)  # fixed statistics: nothing to sync
                 wrapped_for = trainable
             batches = epoch_batches(epoch)
             if len(batches) == 0:

@@ -42,6 +42,7 @@ def train_epoch(model: torch.nn.Module, net: Net, loader: DataLoader, labels: to
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
+        replaced += int((read != rows).sum())  # on the host copies: no wait for the device
         rows = rows.to(device, non_blocking=True)
         y = labels[rows.view(-1, n)[:, 0]] if cleaner else labels[rows]
         with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
@@ -54,10 +55,11 @@ def train_epoch(model: torch.nn.Module, net: Net, loader: DataLoader, labels: to
         total += loss.detach()
         batches += 1
         images_seen += len(images)
-        replaced += int((read != rows.cpu()).sum())
         if batches % 4 == 0 or device.type == "cpu":
             on_batch(len(images) * (4 if device.type != "cpu" else 1), f"loss {float(loss.detach()):.3f} "
                      f"lr {optimizer.param_groups[-1]['lr']:.2g}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # queued kernels belong to this epoch's time
     seconds = time.perf_counter() - start
     if info.enabled:
         agg = torch.tensor([float(total), images_seen, replaced], dtype=torch.float64, device=device)

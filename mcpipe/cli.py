@@ -237,6 +237,8 @@ def finetune_summary(m: dict, out: Path) -> str:
     if "test_accuracy" in m:
         parts.append(f"test top-1 {m['test_accuracy']:.4f}" + (f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else "")
                      + f" (epoch {m['exported_epoch']}, exported)")
+    if "start" in m and "test_top1" in m["start"]:
+        parts.append(f"the head before fine-tuning (epoch 0): test top-1 {m['start']['test_top1']:.4f}")
     if "best_epoch" in m:
         at = m.get("test_accuracy_at_best_epoch")
         parts.append(f"best epoch by validation {m['best_epoch']} (val top-1 {m['best_val_accuracy']:.4f}"
