@@ -4,7 +4,8 @@ Phases, each optional (``[finetune]``): ``cleaner`` (K x N subsets through the
 cleaner, the first ``freeze_epochs`` with the backbone frozen), ``unload``
 (cleaner dropped, plain softmax on the same noisy split) and ``clean``
 (plain softmax on ``clean_split``). Each phase starts its own SGD (momentum,
-one learning rate for the backbone, one for the head) and step schedule.
+one learning rate for the backbone, one for the head) and per-step schedule
+(``mcpipe.finetune.schedule``: cosine or step, after a linear warm-up).
 After every epoch, with the cleaner removed: top-1 on the validation set
 against its given labels (and against its clean labels where known),
 top-1/top-5 on ``test_split``; then ``metrics.json`` and ``checkpoint.pt``
@@ -16,16 +17,19 @@ set is ``val_split`` when the data has it, else a seeded stratified hold-out of
 ``val_fraction`` of ``train_split`` (``stratified_holdout``; those images are
 not trained on). ``best_epoch`` is the epoch of the highest validation top-1
 and ``test_accuracy_at_best_epoch`` the test top-1 there; the test split is
-only reported. The exported model (``model.pt`` + ``model.json``, see
-``mcpipe.finetune.export``) is the last epoch's, and ``test_accuracy`` is its
-test top-1; no weights are kept for the best epoch.
+only reported. With ``--head``, the network as the head leaves it is evaluated
+before any step (``start``, epoch 0) and is a candidate too. The exported
+model (``model.pt`` + ``model.json``, see ``mcpipe.finetune.export``) is the
+best epoch's, written when that epoch is reached (``finetune.export = "best"``,
+with a validation set), or the last epoch's; ``test_accuracy`` is its test
+top-1 and ``exported_epoch`` its epoch.
 
 Under ``torchrun`` every process trains a DistributedDataParallel replica on
 its own batches (disjoint subsets) and evaluates a shard of the validation and
 test sets; only rank 0 writes.
 
 Run folder: ``config.toml``, ``checkpoint.pt``, ``metrics.json``, ``model.pt``, ``model.json``,
-``confusion.csv`` (test split at the last evaluated epoch).
+``confusion.csv`` (test split, the exported model).
 """
 
 from __future__ import annotations
