@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from mcpipe.errors import ConfigError
 
-SourceName = Literal["imagefolder", "manifest", "food101n", "clothing1m", "fashion-mnist", "mnist", "cifar10"]
+SourceName = Literal["imagefolder", "manifest", "food101n", "clothing1m", "fashion-mnist", "mnist", "cifar10",
+                     "cifar100"]
 BackboneName = Literal[
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
@@ -37,7 +38,7 @@ def _check_device(key: str, dev: str) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     source: SourceName = "imagefolder"
-    """Layout of the data set: imagefolder, manifest, food101n, clothing1m, fashion-mnist, mnist, cifar10."""
+    """Layout of the data set: imagefolder, manifest, food101n, clothing1m, fashion-mnist, mnist, cifar10, cifar100."""
     root: str = "data"
     """Folder that holds the data set, in the layout `source` names."""
     test_root: str = ""

@@ -42,7 +42,8 @@ def assert_rgb(index, rows, size):
 
 
 def test_registry_names_every_configurable_source():
-    assert set(SOURCES) == {"imagefolder", "manifest", "food101n", "clothing1m", "fashion-mnist", "mnist", "cifar10"}
+    assert set(SOURCES) == {"imagefolder", "manifest", "food101n", "clothing1m", "fashion-mnist", "mnist", "cifar10",
+                            "cifar100"}
     for module in SOURCES.values():
         assert callable(module.list_splits) and callable(module.load_split)
 
@@ -453,3 +454,52 @@ def test_unknown_source_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="data.source = 'imagenet'"):
         registry.available_splits(DataConfig(source="imagenet", root=str(tmp_path)))  # type: ignore[arg-type]
+
+
+def _cifar100(root: Path, n: dict[str, int], *, protocol=pickle.DEFAULT_PROTOCOL) -> dict[str, dict]:
+    """``root/cifar-100-python/{train,test,meta}`` as the release has them (bytes keys)."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    fine = [f"class{k:02d}".encode() for k in range(100)]
+    files = {"meta": {b"fine_label_names": fine, b"coarse_label_names": [f"super{k}".encode() for k in range(20)]}}
+    for seed, (split, count) in enumerate(n.items()):
+        rng = np.random.default_rng(seed)
+        labels = [int(x) for x in rng.integers(0, 100, size=count)]
+        files[split] = {b"filenames": [f"img_{split}_{i}.png".encode() for i in range(count)], b"batch_label": b"x",
+                        b"fine_labels": labels, b"coarse_labels": [y // 5 for y in labels],
+                        b"data": rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)}
+    for name, obj in files.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump(obj, f, protocol=protocol)
+    return files
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_cifar100_files(tmp_path, protocol):
+    files = _cifar100(tmp_path, {"train": 5, "test": 3}, protocol=protocol)
+    assert available_splits(cfg("cifar100", tmp_path)) == ["train", "test"]
+    train = load("cifar100", tmp_path, "train")
+    assert len(train.classes) == 100 and train.classes[7] == "class07"
+    assert train.root == tmp_path / "cifar-100-python"
+    assert train.labels.tolist() == files["train"][b"fine_labels"] == train.clean_labels.tolist()
+    assert train.ids == [f"train/img_train_{i}.png" for i in range(5)]  # the files' order, as CIFAR-100N follows
+    data = files["train"][b"data"]
+    img = np.asarray(train.load(2))
+    assert img.shape == (32, 32, 3) and (img[..., 0].reshape(-1) == data[2, :1024]).all()  # channel-major rows
+    assert (img[..., 2].reshape(-1) == data[2, 2048:]).all()
+    assert len(load("cifar100", tmp_path, "test")) == 3
+
+
+def test_cifar100_refuses_what_is_not_a_cifar_file(tmp_path):
+    _cifar100(tmp_path, {"train": 2})
+    with pytest.raises(DataError, match="no split 'test'"):
+        load("cifar100", tmp_path, "test")
+    folder = tmp_path / "cifar-100-python"
+    with open(folder / "train", "wb") as f:
+        pickle.dump({b"data": Path("x")}, f)  # a pickle that would build another object
+    with pytest.raises(DataError, match="refusing to load the global pathlib"):
+        load("cifar100", tmp_path, "train")
+    with open(folder / "train", "wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"filenames": [b"a"]}, f)
+    with pytest.raises(DataError, match=r"missing key\(s\) \['fine_labels'\]"):
+        load("cifar100", tmp_path, "train")

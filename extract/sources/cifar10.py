@@ -69,9 +69,9 @@ class SafeUnpickler(pickle.Unpickler):
                             f"{module}.{name} (a CIFAR batch only holds numpy arrays and lists)") from None
 
 
-def unpickle(path: Path) -> dict[str, Any]:
+def unpickle(path: Path, *, what: str = "CIFAR-10 batch") -> dict[str, Any]:
     """A CIFAR pickle as a dict with str keys; DataError for anything else."""
-    with open(require_file(path, "CIFAR-10 batch"), "rb") as f:
+    with open(require_file(path, what), "rb") as f:
         try:
             obj = SafeUnpickler(f, path=path).load()
         except DataError:

@@ -6,7 +6,7 @@ from typing import Protocol
 
 from mcpipe.config import DataConfig
 from mcpipe.errors import ConfigError
-from mcpipe.extract.sources import cifar10, clothing1m, fashion_mnist, food101n, imagefolder, manifest, mnist
+from mcpipe.extract.sources import cifar10, cifar100, clothing1m, fashion_mnist, food101n, imagefolder, manifest, mnist
 from mcpipe.extract.sources.base import SplitIndex, check_index, limit_index
 
 
@@ -26,6 +26,7 @@ SOURCES: dict[str, Source] = {
     "fashion-mnist": fashion_mnist,
     "mnist": mnist,
     "cifar10": cifar10,
+    "cifar100": cifar100,
 }
 
 
