@@ -51,9 +51,16 @@ class DataConfig:
     """How `limit` picks images: a seeded random subset or the first ones."""
     seed: int = 0
     """Seed of the random subset."""
+    noisy_labels: str = ""
+    """A file of human label sets for the training split, e.g. CIFAR-10_human.pt (CIFAR-10N) or
+    CIFAR-100_human.pt (CIFAR-100N), relative to root unless absolute; its clean_label become the clean labels."""
+    label_set: str = ""
+    """With noisy_labels: aggre, worst, random1, random2, random3 (CIFAR-10N) or noisy (CIFAR-100N)."""
 
     def __post_init__(self) -> None:
         _check(self.limit >= 0, "data.limit", self.limit, "an integer >= 0 (0 = all)")
+        _check(bool(self.noisy_labels) == bool(self.label_set), "data.label_set", self.label_set,
+               "a label set name exactly when data.noisy_labels names a file (e.g. aggre for CIFAR-10_human.pt)")
 
 
 @dataclass(frozen=True)

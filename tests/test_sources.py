@@ -503,3 +503,62 @@ def test_cifar100_refuses_what_is_not_a_cifar_file(tmp_path):
         pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"filenames": [b"a"]}, f)
     with pytest.raises(DataError, match=r"missing key\(s\) \['fine_labels'\]"):
         load("cifar100", tmp_path, "train")
+
+
+def index_of(source: str, root: Path, split: str, **kw):
+    """Through the registry, as the pipeline loads a split (label sets applied, then checks and limit)."""
+    return load_index(cfg(source, root, **kw), split)
+
+
+def test_cifar10n_and_cifar100n_label_sets(tmp_path):
+    import torch
+
+    root = make_cifar10(tmp_path / "c10", per_batch=3, n_test=4)
+    truth = index_of("cifar10", root, "train").labels
+    rng = np.random.default_rng(0)
+    sets = {k: (truth + rng.integers(0, 2, len(truth))) % 10 for k in
+            ("aggre_label", "worse_label", "random_label1", "random_label2", "random_label3")}
+    torch.save({**sets, "clean_label": truth.copy()}, root / "CIFAR-10_human.pt")  # numpy arrays, as released
+    for name, key in (("aggre", "aggre_label"), ("worst", "worse_label"), ("random2", "random_label2")):
+        train = index_of("cifar10", root, "train", noisy_labels="CIFAR-10_human.pt", label_set=name)
+        assert train.labels.tolist() == sets[key].tolist() and train.clean_labels.tolist() == truth.tolist()
+    test = index_of("cifar10", root, "test", noisy_labels="CIFAR-10_human.pt", label_set="aggre")
+    assert test.labels.tolist() == test.clean_labels.tolist()  # only the training split changes
+    limited = index_of("cifar10", root, "train", noisy_labels="CIFAR-10_human.pt", label_set="aggre", limit=5)
+    full = index_of("cifar10", root, "train", noisy_labels="CIFAR-10_human.pt", label_set="aggre")
+    assert limited.labels.tolist() == [full.labels[full.ids.index(i)] for i in limited.ids]  # labels follow ids
+
+    files = _cifar100(tmp_path / "c100", {"train": 6, "test": 2})
+    fine = np.asarray(files["train"][b"fine_labels"])
+    torch.save({"noisy_label": torch.from_numpy((fine + 1) % 100), "clean_label": torch.from_numpy(fine)},
+               tmp_path / "c100" / "CIFAR-100_human.pt")  # tensors work too
+    train = index_of("cifar100", tmp_path / "c100", "train", noisy_labels="CIFAR-100_human.pt", label_set="noisy")
+    assert train.labels.tolist() == ((fine + 1) % 100).tolist() and train.clean_labels.tolist() == fine.tolist()
+
+
+def test_label_set_files_are_checked(tmp_path):
+    import torch
+
+    from mcpipe.errors import ConfigError
+
+    root = make_cifar10(tmp_path, per_batch=3, n_test=4)
+    truth = index_of("cifar10", root, "train").labels
+
+    def refused(obj, label_set="aggre", match=""):
+        torch.save(obj, root / "h.pt")
+        with pytest.raises((DataError, ConfigError), match=match):
+            index_of("cifar10", root, "train", noisy_labels="h.pt", label_set=label_set)
+
+    refused({"aggre_label": truth[:-1], "clean_label": truth[:-1]}, match="labels 14 images, the cifar10 'train' split has 15")
+    refused({"aggre_label": truth, "clean_label": (truth + 1) % 10}, match="clean_label differs .* on 15 of 15")
+    refused({"worse_label": truth, "clean_label": truth}, match="has no 'aggre_label'")
+    refused({"aggre_label": truth + 10, "clean_label": truth}, match="outside 0..9")
+    refused({"aggre_label": truth, "clean_label": truth}, label_set="best", match="data.label_set = 'best' is invalid")
+    refused({"aggre_label": Path("x")}, match="not a label file of integer arrays")  # weights_only refuses
+    (root / "h.pt").write_bytes(b"truncated")
+    with pytest.raises(DataError, match="not a label file"):
+        index_of("cifar10", root, "train", noisy_labels="h.pt", label_set="aggre")
+    with pytest.raises(DataError, match="does not exist"):
+        index_of("cifar10", root, "train", noisy_labels="nope.pt", label_set="aggre")
+    with pytest.raises(ConfigError, match="data.label_set"):
+        DataConfig(source="cifar10", root=str(root), noisy_labels="h.pt")

@@ -8,6 +8,7 @@ from mcpipe.config import DataConfig
 from mcpipe.errors import ConfigError
 from mcpipe.extract.sources import cifar10, cifar100, clothing1m, fashion_mnist, food101n, imagefolder, manifest, mnist
 from mcpipe.extract.sources.base import SplitIndex, check_index, limit_index
+from mcpipe.extract.sources.noisy_labels import apply_label_set
 
 
 class Source(Protocol):
@@ -44,5 +45,8 @@ def available_splits(cfg: DataConfig) -> list[str]:
 
 def load_index(cfg: DataConfig, split: str) -> SplitIndex:
     """The checked index of ``split``, cut to ``cfg.limit`` rows (seeded subset or first rows)."""
-    index = check_index(get_source(cfg).load_split(cfg, split))
+    index = get_source(cfg).load_split(cfg, split)
+    if cfg.noisy_labels:  # CIFAR-10N / CIFAR-100N: the training split gets a human label set
+        index = apply_label_set(index, cfg.noisy_labels, cfg.label_set, cfg.root)
+    index = check_index(index)
     return limit_index(index, cfg.limit, subset=cfg.subset, seed=cfg.seed)
