@@ -295,6 +295,30 @@ def report(
     typer.echo(f"{len(w.figures)} figures -> open {w.index}")
 
 
+@app.command("import")
+@guarded
+def import_(
+    out: Path = typer.Option(..., "--out", "-o", help="Store folder: writes <out>/<split>.h5."),
+    split: str = typer.Option("train", "--split", help="Split to write: train, test, val, ..."),
+    embeddings: Optional[list[Path]] = typer.Option(None, "--embeddings", "-e", help=".npy (rows, dims) float array; repeatable, concatenated in order."),
+    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="CSV/TSV with id, label [, clean_label, path]; one row per embedding row."),
+    clip_retrieval: Optional[Path] = typer.Option(None, "--clip-retrieval", help="clip-retrieval output: img_emb/img_emb_{i}.npy + metadata/metadata_{i}.parquet."),
+    label_column: str = typer.Option("label", "--label-column", help="Metadata column holding the label (--clip-retrieval)."),
+    classes: Optional[Path] = typer.Option(None, "--classes", help="Class names, one a line (default: sorted labels; other splits: train.h5's)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Feature precision on disk: float16 or float32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store already in --out."),
+    log_level: str = LogOpt,
+) -> None:
+    """Write a feature store from embeddings you already have (.npy + labels, or clip-retrieval output)."""
+    _setup_logging(log_level)
+    from mcpipe.importer import run_import
+
+    r = run_import(out, split, embeddings=embeddings, labels=labels, clip_retrieval=clip_retrieval,
+                   label_column=label_column, classes=classes, dtype=dtype, overwrite=overwrite)
+    typer.echo(f"{r.split}: {r.rows:,} rows x {r.feature_dim} dims, {r.num_classes} classes -> {r.path} "
+               f"({r.seconds:.1f} s)")
+
+
 @app.command()
 @guarded
 def inspect(
@@ -318,6 +342,8 @@ def inspect(
 
 def _preprocessing(text: str) -> str:
     p = json.loads(text)
+    if not p:  # mcpipe import and synthetic stores: no images went through mcpipe
+        return "none (features not extracted by mcpipe)"
     fmt = lambda xs: "(" + ", ".join(f"{x:.3f}" for x in xs) + ")"  # noqa: E731
     return (f"resize {p['resize']} ({p['interpolation']}) -> {p.get('crop', 'center')} crop {p['image_size']}, "
             f"mean {fmt(p['mean'])}, std {fmt(p['std'])}")
