@@ -295,6 +295,25 @@ def report(
     typer.echo(f"{len(w.figures)} figures -> open {w.index}")
 
 
+@app.command("clean")
+@guarded
+def clean_(
+    run: Path = typer.Argument(..., help="A train-head run folder (its scores.csv and metrics.json)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Label file to write (CSV; TSV for a .tsv name)."),
+    action: str = typer.Option("keep", "--action", help="keep, relabel or drop the flagged rows in the label column."),
+    fraction: Optional[float] = typer.Option(None, "--fraction", help="Share of rows flagged (lowest label_score); default: the run's estimated noise rate."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    log_level: str = LogOpt,
+) -> None:
+    """Turn a head run into a label file: id, given_label, suggested_label, label_score, is_label_issue, label."""
+    _setup_logging(log_level)
+    from mcpipe.cleaner.labelfile import clean
+
+    c = clean(run, out, action=action, fraction=fraction, overwrite=overwrite)
+    typer.echo(f"{c.flagged:,} of {c.rows:,} labels flagged ({c.fraction:.3f}, {c.fraction_from}; by {c.score}), "
+               f"{action}: {c.written:,} rows -> {c.path}")
+
+
 @app.command("import")
 @guarded
 def import_(
