@@ -15,7 +15,6 @@ then the classifier is replaced by ``nn.Identity`` so ``forward`` returns the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -33,6 +32,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from mcpipe.errors import ConfigError, DataError
+from mcpipe.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -280,15 +280,6 @@ def load_weights(net: nn.Module, state_dict: Mapping[str, torch.Tensor], *, drop
 def _first(items: list[str], n: int = 3) -> str:
     more = f" and {len(items) - n} more" if len(items) > n else ""
     return ", ".join(items[:n]) + more
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ inference

@@ -256,10 +256,8 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
     metrics = _metrics(cfg, history, train, given, val, seconds_before + time.perf_counter() - start, replaced,
                        begin)
     if info.is_main:
-        if not keep_best:  # (the best epoch's model was written when it was reached)
-            export_model(out, net, backbone=cfg.extract.backbone, image_size=cfg.extract.image_size,
-                         classes=train.classes, pre=pre, provenance=backbone.provenance,
-                         metrics={k: metrics[k] for k in ("test_accuracy", "test_top5") if k in metrics})
+        if not keep_best:  # (the best epoch's model was written when it was reached; confusion.csv every epoch)
+            export(metrics, None)
         write_json_atomic(metrics, out / "metrics.json")
         run_lock.release()
     barrier(info)

@@ -35,6 +35,8 @@ import numpy as np
 
 import mcpipe
 from mcpipe.errors import ConfigError, DataError
+from mcpipe.extract.sources.base import SplitIndex
+from mcpipe.hashing import sha256_file
 from mcpipe.store.schema import FEATURE_DTYPES, SCHEMA_VERSION
 from mcpipe.store.writer import StoreSpec, StoreWriter
 
@@ -70,12 +72,6 @@ class _Table:
 # ---------------------------------------------------------------- files
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -283,13 +279,9 @@ def _fingerprint(parts: object) -> str:
 
 def _source_fingerprint(split: str, ids: list[str], labels: np.ndarray, clean: np.ndarray,
                         classes: list[str]) -> str:
-    h = hashlib.sha256()  # as SplitIndex.fingerprint: what defines the rows
-    h.update(f"{BACKBONE}\0{split}\0{len(ids)}\0".encode())
-    h.update("\0".join(ids).encode("utf-8"))
-    h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
-    h.update(np.ascontiguousarray(clean, dtype="<i8").tobytes())
-    h.update("\0".join(classes).encode("utf-8"))
-    return h.hexdigest()
+    """What defines the rows, hashed as extract hashes a data set's split."""
+    return SplitIndex(source=BACKBONE, split=split, root=Path("."), ids=list(ids), labels=np.asarray(labels),
+                      clean_labels=np.asarray(clean), classes=list(classes)).fingerprint()
 
 
 def _rows(arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:

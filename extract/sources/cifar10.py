@@ -87,10 +87,12 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(pixels (N, 32, 32, 3) uint8, labels (N,) int64, file names) of one batch."""
-    batch = unpickle(path)
-    missing = [k for k in ("data", "labels", "filenames") if k not in batch]
+def read_batch(path: Path, *, labels_key: str = "labels",
+               what: str = "CIFAR-10 batch") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(pixels (N, 32, 32, 3) uint8, labels (N,) int64, file names) of one batch (CIFAR-100's files:
+    ``labels_key="fine_labels"``)."""
+    batch = unpickle(path, what=what)
+    missing = [k for k in ("data", labels_key, "filenames") if k not in batch]
     if missing:
         raise DataError(f"{path}: missing key(s) {missing}; found {sorted(batch)}")
     data = batch["data"]
@@ -98,10 +100,11 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         shape = getattr(data, "shape", type(data).__name__)
         raise DataError(f"{path}: 'data' must be a (N, 3072) uint8 array, found {shape}")
     n = len(data)
-    if len(batch["labels"]) != n or len(batch["filenames"]) != n:
-        raise DataError(f"{path}: {n} images but {len(batch['labels'])} labels and {len(batch['filenames'])} filenames")
+    if len(batch[labels_key]) != n or len(batch["filenames"]) != n:
+        raise DataError(f"{path}: {n} images but {len(batch[labels_key])} {labels_key} and "
+                        f"{len(batch['filenames'])} filenames")
     pixels = data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
-    return pixels, np.asarray(batch["labels"], dtype=np.int64), [_text(x) for x in batch["filenames"]]
+    return pixels, np.asarray(batch[labels_key], dtype=np.int64), [_text(x) for x in batch["filenames"]]
 
 
 def batches_dir(cfg: DataConfig) -> Path:

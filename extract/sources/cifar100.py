@@ -24,7 +24,7 @@ import numpy as np
 from mcpipe.config import DataConfig
 from mcpipe.errors import DataError
 from mcpipe.extract.sources.base import SplitIndex
-from mcpipe.extract.sources.cifar10 import _text, unpickle
+from mcpipe.extract.sources.cifar10 import _text, read_batch, unpickle
 from mcpipe.extract.sources.common import data_root, no_split
 
 NAME = "cifar100"
@@ -43,24 +43,6 @@ def list_splits(cfg: DataConfig) -> list[str]:
     return [s for s in SPLITS if (folder / s).is_file()]
 
 
-def read_split(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(pixels (N, 32, 32, 3) uint8, fine labels (N,) int64, file names) of one split file."""
-    batch = unpickle(path, what="CIFAR-100 file")
-    missing = [k for k in ("data", "fine_labels", "filenames") if k not in batch]
-    if missing:
-        raise DataError(f"{path}: missing key(s) {missing}; found {sorted(batch)}")
-    data = batch["data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        shape = getattr(data, "shape", type(data).__name__)
-        raise DataError(f"{path}: 'data' must be a (N, 3072) uint8 array, found {shape}")
-    n = len(data)
-    if len(batch["fine_labels"]) != n or len(batch["filenames"]) != n:
-        raise DataError(f"{path}: {n} images but {len(batch['fine_labels'])} fine_labels and "
-                        f"{len(batch['filenames'])} filenames")
-    pixels = data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
-    return pixels, np.asarray(batch["fine_labels"], dtype=np.int64), [_text(x) for x in batch["filenames"]]
-
-
 def load_split(cfg: DataConfig, split: str) -> SplitIndex:
     folder = files_dir(cfg)
     available = list_splits(cfg)
@@ -70,7 +52,7 @@ def load_split(cfg: DataConfig, split: str) -> SplitIndex:
     if "fine_label_names" not in meta:
         raise DataError(f"{folder / META}: missing key 'fine_label_names'; found {sorted(meta)}")
     classes = [_text(x) for x in meta["fine_label_names"]]
-    pixels, labels, names = read_split(folder / split)
+    pixels, labels, names = read_batch(folder / split, labels_key="fine_labels", what="CIFAR-100 file")
     return SplitIndex(source=NAME, split=split, root=folder, ids=[f"{split}/{name}" for name in names],
                       labels=labels, clean_labels=labels.copy(), classes=classes,
                       pixels=np.ascontiguousarray(pixels))
