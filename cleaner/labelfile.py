@@ -9,12 +9,16 @@ with next:
 
 * ``keep``: the given label;
 * ``relabel``: the suggested label for the flagged rows, else the given one;
-* ``drop``: flagged rows are left out of the file.
+* ``drop``: flagged rows get an empty ``label`` (pandas reads it as NaN:
+  ``df.dropna(subset=["label"])`` is the cleaned set); the row stays, so the
+  file still covers every training image, as ``--labels`` requires.
 
 The flagged rows are the ``fraction`` with the lowest ``label_score``; by
 default ``fraction`` is the run's own estimate of the noise rate
 (``label_issues.estimated_noise_rate`` in ``metrics.json``, written by the
-default ``train.auto`` search's second round).
+default ``train.auto`` search's second round). Rows the run itself was told
+to drop (a label file with empty labels: ``split`` = dropped in scores.csv)
+stay dropped and are not counted. The format is :mod:`mcpipe.labels`'s.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from mcpipe.errors import ConfigError, DataError
+from mcpipe.labels import CLEAN_COLUMNS, delimiter
 from mcpipe.rundir import write_text_atomic
 
 ACTIONS = ("keep", "relabel", "drop")
-COLUMNS = ("id", "given_label", "suggested_label", "label_score", "is_label_issue", "label")
 _NEEDED = ("id", "given_label", "predicted_label", "classifier_score")
 
 
@@ -40,7 +44,7 @@ _NEEDED = ("id", "given_label", "predicted_label", "classifier_score")
 class Cleaned:
     rows: int
     flagged: int
-    written: int
+    dropped: int
     fraction: float
     fraction_from: str
     score: str
@@ -82,6 +86,7 @@ def clean(run: Path, out: Path, *, action: str = "keep", fraction: float | None 
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as labels.csv")
     rows = _read_scores(run)
+    was_dropped = np.array([r.get("split") == "dropped" for r in rows])
     source = "given"
     if fraction is None:
         fraction, source = _estimate(run), "the run's estimated noise rate"
@@ -94,19 +99,20 @@ def clean(run: Path, out: Path, *, action: str = "keep", fraction: float | None 
         score = np.array([float(r[key]) for r in rows])
     except ValueError as exc:
         raise DataError(f"{run}: scores.csv has a {key} that is not a number ({exc})") from None
+    candidates = np.flatnonzero(~was_dropped)
     flagged = np.zeros(len(rows), dtype=bool)
-    k = min(len(rows), int(math.floor(fraction * len(rows) + 0.5)))
-    flagged[np.argsort(score, kind="stable")[:k]] = True
+    k = min(len(candidates), int(math.floor(fraction * len(candidates) + 0.5)))
+    flagged[candidates[np.argsort(score[candidates], kind="stable")[:k]]] = True
     buf = io.StringIO()
-    w = csv.writer(buf, delimiter="\t" if out.suffix.lower() == ".tsv" else ",", lineterminator="\n")
-    w.writerow(COLUMNS)
-    written = 0
-    for r, s, bad in zip(rows, score, flagged):
-        if bad and action == "drop":
-            continue
-        label = r["predicted_label"] if bad and action == "relabel" else r["given_label"]
-        w.writerow([r["id"], r["given_label"], r["predicted_label"], f"{s:.5f}", int(bad), label])
-        written += 1
+    w = csv.writer(buf, delimiter=delimiter(out), lineterminator="\n")
+    w.writerow(CLEAN_COLUMNS)
+    for r, s, bad, gone in zip(rows, score, flagged, was_dropped):
+        if gone or (bad and action == "drop"):
+            label = ""
+        else:
+            label = r["predicted_label"] if bad and action == "relabel" else r["given_label"]
+        w.writerow([r["id"], "" if gone else r["given_label"], r["predicted_label"], f"{s:.5f}", int(bad), label])
     write_text_atomic(buf.getvalue(), out)
-    return Cleaned(rows=len(rows), flagged=int(flagged.sum()), written=written, fraction=float(fraction),
+    dropped = int(was_dropped.sum() + (flagged.sum() if action == "drop" else 0))
+    return Cleaned(rows=len(rows), flagged=int(flagged.sum()), dropped=dropped, fraction=float(fraction),
                    fraction_from=source, score=key, path=out)

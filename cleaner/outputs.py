@@ -24,7 +24,7 @@ from mcpipe.rundir import save_atomic, write_confusion, write_text_atomic
 from mcpipe.store.reader import FeatureStore
 
 if TYPE_CHECKING:
-    from mcpipe.cleaner.run import Prepared, Validation
+    from mcpipe.cleaner.run import Prepared, RunLabels, Validation
 
 HEAD_FORMAT = "mcpipe-head"
 
@@ -35,9 +35,10 @@ def _provenance(store: FeatureStore) -> dict:
     return {k: store.attrs.get(k) for k in keys}
 
 
-def finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarray, clean: np.ndarray, graph,
+def finish(cfg: Config, prep: Prepared, head: Head, out: Path, labels: RunLabels, graph,
             history: list[dict], fit_rows: np.ndarray, val: Validation | None, found: Search | None) -> dict:
     store = prep.train
+    given, clean, keep = labels.given, labels.clean, labels.keep
     n = head.cleaner.subset_size
     pred, probs = predict(head, prep.train_x)
     rows = np.arange(len(given))
@@ -49,10 +50,12 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarray
     }
     if found is not None and found.probs is not None:
         scores["cross_validated"] = found.probs[rows, given]
-    metrics: dict = {"history": history, "train_images": int(len(given)), "subset_size": n,
+    metrics: dict = {"history": history, "train_images": int(keep.sum()), "subset_size": n,
                      "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
-                               "realized_rate": float((given != store.labels).mean())},
+                               "realized_rate": float((given != labels.before_noise)[keep].mean())},
                      "features": str(prep.features_dir.resolve())}
+    if labels.file is not None:
+        metrics["labels"] = labels.file.record(store.labels)
     metrics |= _validation_metrics(cfg, head, fit_rows, val, found)
     if prep.test is not None:
         test_pred = predict(head, prep.test_x)[0]
@@ -66,7 +69,9 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarray
             metrics["set_accuracy"] = set_accuracy(head, prep.test_x, prep.test.labels, subset_size=n,
                                                    seed=cfg.train.seed)
     # a human check of the given label (Food-101N's verification) counts only for the labels as given
-    known, wrong = label_truth(given, clean, store.verified if cfg.noise.kind == "none" else None)
+    verified = store.verified if cfg.noise.kind == "none" and labels.file is None else None
+    known, wrong = label_truth(given, clean, verified)
+    known, wrong = known & keep, wrong & keep  # a dropped row was not trained with its label: nothing to find
     flagged = None if found is None or found.issues is None else int(found.issues.sum())
     found_by = {name: detection(s, known, wrong, flag=flagged) for name, s in scores.items()}
     metrics["detection"] = {name: d for name, d in found_by.items() if d is not None}
@@ -81,8 +86,10 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, given: np.ndarray
     weights = found.weights if found is not None else np.ones(len(given))
     split = np.full(len(given), "val", dtype=object)  # the hold-out, or images a val.h5 shares with train.h5
     split[fit_rows] = "fit"
+    split[~keep] = "dropped"  # by the label file: neither trained nor chosen on
     _write_scores(out / "scores.csv", store, given, clean, np.where(known, ~wrong, -1), pred, scores, rank,
-                  issues=None if found is None else found.issues, trained=np.where(weights > 0, trained, -1),
+                  issues=None if found is None else found.issues,
+                  trained=np.where((weights > 0) & keep, trained, -1),
                   split=split)
     save_atomic({"format": HEAD_FORMAT, "version": 1, "state_dict": head.state_dict(), "head": head.config(),
                  "classes": list(store.classes), "feature_dim": store.feature_dim,

@@ -34,6 +34,7 @@ from mcpipe.cleaner.train import make_optimizer, predict, train_one_epoch
 from mcpipe.config import Config, config_from_dict, replace, to_toml
 from mcpipe.devices import resolve_device
 from mcpipe.errors import ConfigError, DataError
+from mcpipe.labels import LabelFile, labels_toml, read_label_file
 from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
 from mcpipe.rundir import save_atomic, start_run_dir, write_json_atomic
@@ -104,13 +105,42 @@ def prepare(cfg: Config, features_dir: str | Path) -> Prepared:
     return prep
 
 
-def _noisy_labels(cfg: Config, prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
-    """(given labels for training, known clean labels for the metrics)."""
+@dataclass(frozen=True)
+class RunLabels:
+    """The labels one head run trains with.
+
+    ``given`` (M,): trained and chosen on (a row the label file drops keeps the store's label and is neither);
+    ``clean`` (M,): known true labels, -1 unknown (metrics only); ``before_noise`` (M,): the labels synthetic
+    noise was applied to; ``keep`` (M,) bool: rows that are not dropped; ``file``: the label file, if any."""
+
+    given: np.ndarray
+    clean: np.ndarray
+    before_noise: np.ndarray
+    keep: np.ndarray
+    file: LabelFile | None = None
+
+    @property
+    def kept(self) -> np.ndarray:
+        return np.flatnonzero(self.keep).astype(np.int64)
+
+
+def _run_labels(cfg: Config, prep: Prepared) -> RunLabels:
+    """The store's labels, or ``labels.file``'s, then ``[noise]`` on top of them."""
     store = prep.train
+    labels, clean, keep, file = store.labels.copy(), store.clean_labels.copy(), np.ones(len(store.labels), bool), None
+    if cfg.labels.file:
+        file = read_label_file(cfg.labels.file, store.ids, store.classes, what=f"{store.path}")
+        keep = file.keep
+        labels = np.where(keep, file.labels, labels)
+        if file.clean_labels is not None:
+            clean = file.clean_labels.copy()
+        if file.dropped:
+            log.info("%s drops %d of %d training images: left out of training and validation",
+                     cfg.labels.file, file.dropped, len(keep))
     if cfg.noise.kind == "none":
-        return store.labels.copy(), store.clean_labels.copy()
-    noisy = noise_from_config(store.labels, store.num_classes, cfg.noise, features=store.features)
-    return noisy, store.labels.copy()  # the original labels become the known clean ones
+        return RunLabels(labels, clean, labels, keep, file)
+    noisy = noise_from_config(labels, store.num_classes, cfg.noise, features=store.features)
+    return RunLabels(noisy, labels.copy(), labels, keep, file)  # the labels before noise are the known clean ones
 
 
 def _graph(cfg: Config, prep: Prepared, labels: np.ndarray):
@@ -191,7 +221,7 @@ def run_config_text(cfg: Config, store: FeatureStore, sections: tuple[str, ...] 
         source = ""
     note = ("# [data] and [extract]: as recorded by the feature store when it was extracted\n" if source else
             "# the feature store recorded no [data]/[extract] config\n")
-    return note + source + to_toml(cfg, sections)
+    return note + source + labels_toml(cfg.labels.file) + to_toml(cfg, sections)
 
 
 @dataclass
@@ -208,9 +238,10 @@ class Validation:
     rows: np.ndarray | None = None
 
 
-def _validation(cfg: Config, prep: Prepared, given: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, Validation | None]:
-    """(rows trained on, the validation split or None)."""
-    everything = np.arange(len(given), dtype=np.int64)
+def _validation(cfg: Config, prep: Prepared, labels: RunLabels) -> tuple[np.ndarray, Validation | None]:
+    """(rows trained on, the validation split or None); rows a label file drops are in neither."""
+    given, clean = labels.given, labels.clean
+    everything = labels.kept
     if prep.val is not None:
         v = prep.val
         keep = np.ones(len(v.labels), bool) if v.verified is None else v.verified == 1  # human-checked right
@@ -219,10 +250,11 @@ def _validation(cfg: Config, prep: Prepared, given: np.ndarray, clean: np.ndarra
         shared = np.isin(np.asarray(prep.train.ids, dtype=object), np.asarray(v.ids, dtype=object)[keep])
         if shared.any():
             log.info("%d training images are also in %s: left out of training", shared.sum(), v.path.name)
-        return everything[~shared], Validation(v.path.name, x, v.labels[keep], v.clean_labels[keep])
+        return everything[~shared[everything]], Validation(v.path.name, x, v.labels[keep], v.clean_labels[keep])
     if cfg.train.val_fraction == 0:
         return everything, None
-    fit_rows, val_rows = holdout(given, cfg.train.val_fraction, seed=cfg.train.seed)
+    fit_rows, val_rows = (everything[r] for r in holdout(given[everything], cfg.train.val_fraction,
+                                                          seed=cfg.train.seed))
     if len(val_rows) == 0:
         return everything, None
     x = prep.train_x[torch.from_numpy(val_rows).to(prep.device)]
@@ -250,9 +282,10 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
     store = prep.train
     config_text = run_config_text(cfg, store)
     start = time.perf_counter()
-    given, clean = _noisy_labels(cfg, prep)
+    labels = _run_labels(cfg, prep)
+    given = labels.given
     graph = _graph(cfg, prep, given)
-    fit_rows, val = _validation(cfg, prep, given, clean)
+    fit_rows, val = _validation(cfg, prep, labels)
     if cfg.train.auto and val is None:
         raise ConfigError("train.auto = true chooses on a validation split, and there is none: set "
                           "train.val_fraction > 0, put a val.h5 beside train.h5, or --set train.auto=false")
@@ -272,7 +305,7 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
             head, history = _fixed(cfg, prep, out, config_text, given, sampler, val, mean, std, resume=resume,
                                    bar=bar)
             found = None
-    metrics = finish(cfg, prep, head, out, given, clean, graph, history, fit_rows, val, found)
+    metrics = finish(cfg, prep, head, out, labels, graph, history, fit_rows, val, found)
     metrics["seconds"] = time.perf_counter() - start
     write_json_atomic(metrics, out / "metrics.json")
     run_lock.release()
@@ -349,7 +382,7 @@ def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.nd
         return found.head, history, found
     point = replace(replace(cfg, "cleaner", subset_size=choice.subset_size), "train",
                     weight_decay=choice.weight_decay)
-    everything = np.arange(len(given), dtype=np.int64)
+    everything = np.union1d(fit_rows, val.rows).astype(np.int64)  # every row but those a label file drops
     history: list[dict] = []
     if choice.subset_size == 1:
         m, s = found.head.mean, found.head.std
@@ -358,7 +391,8 @@ def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.nd
             history.append({"epoch": epoch + 1, "loss": float(loss[0]), **_scored(
                 prep, None, lambda x: probabilities(x, weight, bias, m, s)[:, 0].argmax(1))})
 
-        fits = fit_linear_heads(prep.train_x, everything, found.labels[None], found.weights[None],
+        fits = fit_linear_heads(prep.train_x, everything, found.labels[everything][None],
+                                found.weights[everything][None],
                                 np.array([choice.weight_decay]), num_classes=prep.train.num_classes, mean=m, std=s,
                                 train=cfg.train, epochs=choice.best_epoch, seed=cfg.train.seed,
                                 on_epoch=on_linear_epoch)

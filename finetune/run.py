@@ -51,6 +51,7 @@ from mcpipe.cleaner.sampler import SubsetSampler
 from mcpipe.config import Config, to_toml
 from mcpipe.devices import resolve_device
 from mcpipe.errors import ConfigError, DataError
+from mcpipe.labels import labels_toml, read_label_file
 from mcpipe.extract.backbones import build_backbone
 from mcpipe.extract.distributed import DistInfo, barrier, init, shutdown
 from mcpipe.extract.preprocess import preprocess_for, train_transform
@@ -107,14 +108,14 @@ def run(cfg: Config, *, out: str | Path, head: str | Path | None = None, resume:
 def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run: Path | None, resume: bool,
          overwrite: bool, progress: bool) -> dict:
     f = cfg.finetune
-    config_text = to_toml(cfg, SECTIONS)
+    config_text = labels_toml(cfg.labels.file) + to_toml(cfg, SECTIONS)
     check_run_dir(out, config_text, RUN_FILES, resume=resume, overwrite=overwrite)  # before any slow work
     splits = available_splits(cfg.data)
     for key, split in (("finetune.train_split", f.train_split), ("finetune.clean_split", f.clean_split)):
         if split and split not in splits:
             raise ConfigError(f"{key} = {split!r} is not a split of {cfg.data.source} data in {cfg.data.root}: "
                               f"it has {', '.join(splits) or 'none'}")
-    train = load_index(cfg.data, f.train_split)
+    train, labels_record = _with_label_file(cfg, load_index(cfg.data, f.train_split), info)
     given = train.labels.copy() if cfg.noise.kind == "none" else noise_from_config(train.labels, len(train.classes),
                                                                                    cfg.noise)
     train, given, val = _validation(cfg, splits, train, given, info)
@@ -179,7 +180,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
             log.info("start (the head on the pretrained backbone): val top-1 %.4f%s", begin["val_top1"],
                      f", test top-1 {begin['test_top1']:.4f}" if "test_top1" in begin else "")
             if keep_best:
-                export(_metrics(cfg, history, train, given, val, 0.0, 0, begin), confusion)
+                export(_metrics(cfg, history, train, given, val, labels_record, 0.0, 0, begin), confusion)
         barrier(info)
     epoch = 0
     for phase in plan(cfg):
@@ -238,7 +239,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
             seconds = seconds_before + time.perf_counter() - start
             row["seconds"] = seconds  # wall time of the run so far, evaluations included
             if info.is_main:
-                metrics = _metrics(cfg, history, train, given, val, seconds, replaced, begin)
+                metrics = _metrics(cfg, history, train, given, val, labels_record, seconds, replaced, begin)
                 if keep_best and metrics["best_epoch"] == epoch:  # before the checkpoint: a resume re-exports
                     export(metrics, confusion)
                 elif not keep_best and confusion is not None:
@@ -253,7 +254,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
                          f", test top-1 {row['test_top1']:.4f}" if "test_top1" in row else "",
                          row["images_per_second"])
             barrier(info)
-    metrics = _metrics(cfg, history, train, given, val, seconds_before + time.perf_counter() - start, replaced,
+    metrics = _metrics(cfg, history, train, given, val, labels_record, seconds_before + time.perf_counter() - start, replaced,
                        begin)
     if info.is_main:
         if not keep_best:  # (the best epoch's model was written when it was reached; confusion.csv every epoch)
@@ -262,6 +263,22 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
         run_lock.release()
     barrier(info)
     return metrics
+
+
+def _with_label_file(cfg: Config, train: SplitIndex, info: DistInfo) -> tuple[SplitIndex, dict | None]:
+    """``train`` with ``labels.file``'s labels (and clean labels, when it has them), the rows it drops left
+    out; and what metrics.json records of the file. The file must list exactly the split's ids (after
+    ``data.limit``: extract and fine-tune with the same [data] to get the same ids)."""
+    if not cfg.labels.file:
+        return train, None
+    file = read_label_file(cfg.labels.file, train.ids, train.classes,
+                           what=f"{train.source} split {train.split!r} under {train.root}")
+    clean = file.clean_labels if file.clean_labels is not None else train.clean_labels
+    relabelled = replace(train, labels=np.where(file.keep, file.labels, train.labels), clean_labels=clean)
+    if file.dropped and info.is_main:
+        log.info("%s drops %d of %d training images: left out of training and validation", cfg.labels.file,
+                 file.dropped, len(train))
+    return relabelled.take(np.flatnonzero(file.keep)), file.record(train.labels)
 
 
 def _validation(cfg: Config, splits: list[str], train: SplitIndex, given: np.ndarray,
@@ -361,7 +378,7 @@ def _read_checkpoint(out: Path, device: torch.device, config_text: str) -> dict:
 
 
 def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndarray, val: SplitIndex | None,
-             seconds: float, replaced: int, begin: dict | None = None) -> dict:
+             labels_record: dict | None, seconds: float, replaced: int, begin: dict | None = None) -> dict:
     """``metrics.json``: the best epoch is chosen on validation top-1 (given labels; ties: the earlier epoch),
     never on the test split; with ``--head``, epoch 0 (``start``: the head on the pretrained backbone, before
     any training) is a candidate too. The exported model is the best epoch's (``finetune.export = "best"``,
@@ -372,6 +389,8 @@ def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndar
                          "realized_rate": float((given != train.labels).mean())},
                "val_images": 0 if val is None else len(val),
                "val_from": None if val is None else val.split, "chosen_on": "none" if val is None else "val"}
+    if labels_record is not None:
+        m["labels"] = labels_record
     if begin is not None:
         m["start"] = begin
     rows = ([begin] if begin is not None else []) + history

@@ -66,6 +66,7 @@ DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
 ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run in --out.")
 OverwriteRunOpt = typer.Option(False, "--overwrite", help="Replace a run already in --out.")
+LabelsOpt = typer.Option(None, "--labels", "-l", help="CSV/TSV of id, label [, clean_label] replacing the training labels (config key labels.file), e.g. what mcpipe clean wrote.")
 
 
 def _setup_logging(level: str) -> None:
@@ -81,14 +82,16 @@ def _setup_logging(level: str) -> None:
     root.propagate = False
 
 
-def _config(path: Optional[Path], sets: Optional[list[str]]) -> Config:
+def _config(path: Optional[Path], sets: Optional[list[str]], labels: Optional[Path] = None) -> Config:
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
-    return load_config(path, sets or [])
+    cfg = load_config(path, sets or [])
+    return replace(cfg, "labels", file=str(labels)) if labels is not None else cfg
 
 
-def _train_config(path: Optional[Path], sets: Optional[list[str]], device: Optional[str]) -> Config:
-    cfg = _config(path, sets)
+def _train_config(path: Optional[Path], sets: Optional[list[str]], device: Optional[str],
+                  labels: Optional[Path] = None) -> Config:
+    cfg = _config(path, sets, labels)
     return replace(cfg, "train", device=device) if device is not None else cfg
 
 
@@ -141,6 +144,7 @@ def train_head(
     set_: Optional[list[str]] = SetOpt,
     features: Optional[Path] = FeaturesOpt,
     out: Path = typer.Option(Path("runs/head"), "--out", "-o", help="Run folder to write."),
+    labels: Optional[Path] = LabelsOpt,
     resume: bool = ResumeOpt,
     overwrite: bool = OverwriteRunOpt,
     device: Optional[str] = DeviceOpt,
@@ -149,7 +153,7 @@ def train_head(
 ) -> None:
     """Train MetaCleaner + softmax on cached features (seconds to minutes)."""
     _setup_logging(log_level)
-    cfg = _train_config(config, set_, device)
+    cfg = _train_config(config, set_, device, labels)
     from mcpipe.cleaner.run import run
 
     m = run(cfg, features=features or Path(cfg.store.dir), out=out, resume=resume, overwrite=overwrite,
@@ -164,13 +168,14 @@ def sweep(
     set_: Optional[list[str]] = SetOpt,
     features: Optional[Path] = FeaturesOpt,
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Sweep folder: one run per point + results."),
+    labels: Optional[Path] = LabelsOpt,
     device: Optional[str] = DeviceOpt,
     progress: bool = ProgressOpt,
     log_level: str = LogOpt,
 ) -> None:
     """Train every combination of the sweep grid (config table sweep) on features loaded once; results best first."""
     _setup_logging(log_level)
-    cfg = _train_config(config, set_, device)
+    cfg = _train_config(config, set_, device, labels)
     from mcpipe.cleaner.sweep import format_table, run
 
     rows = run(cfg, features=features or Path(cfg.store.dir), out=out, progress=progress and sys.stderr.isatty())
@@ -213,6 +218,7 @@ def finetune(
     set_: Optional[list[str]] = SetOpt,
     head: Optional[Path] = typer.Option(None, "--head", help="A train-head run (or its head.pt) to start the cleaner and classifier from."),
     out: Path = typer.Option(Path("runs/finetune"), "--out", "-o", help="Run folder to write."),
+    labels: Optional[Path] = LabelsOpt,
     resume: bool = ResumeOpt,
     overwrite: bool = OverwriteRunOpt,
     device: Optional[str] = DeviceOpt,
@@ -221,7 +227,7 @@ def finetune(
 ) -> None:
     """Train backbone + MetaCleaner + classifier end to end on images (torchrun for several devices)."""
     _setup_logging(log_level)
-    cfg = _config(config, set_)
+    cfg = _config(config, set_, labels)
     if device is not None:
         cfg = replace(cfg, "finetune", device=device)
     from mcpipe.finetune.run import run
@@ -280,6 +286,7 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for index.html and the PNGs; default RUN/report."),
     features: Optional[Path] = FeaturesOpt,
     suspects: int = typer.Option(24, "--suspects", help="Most suspect training images on the contact sheet (0 = none)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="A label file to judge the run's scores against: its clean_label column, or its label column (e.g. a re-annotation)."),
     log_level: str = LogOpt,
 ) -> None:
     """Figures and an index.html: accuracy against noise, clean-score histograms, curves, confusion, suspects."""
@@ -288,7 +295,7 @@ def report(
 
     if suspects < 0:
         raise ConfigError(f"--suspects {suspects} is invalid: expected an integer >= 0")
-    w = run_report(run, out=out, features=features, suspects=suspects)
+    w = run_report(run, out=out, features=features, suspects=suspects, labels=labels)
     typer.echo(w.summary)
     for note in w.notes:
         typer.echo(f"note: {note}")
@@ -311,7 +318,7 @@ def clean_(
 
     c = clean(run, out, action=action, fraction=fraction, overwrite=overwrite)
     typer.echo(f"{c.flagged:,} of {c.rows:,} labels flagged ({c.fraction:.3f}, {c.fraction_from}; by {c.score}), "
-               f"{action}: {c.written:,} rows -> {c.path}")
+               f"{action}: {c.rows:,} rows -> {c.path}" + (f" ({c.dropped:,} dropped: empty label)" if c.dropped else ""))
 
 
 @app.command("import")

@@ -132,6 +132,14 @@ class NoiseConfig:
 
 
 @dataclass(frozen=True)
+class LabelsConfig:
+    file: str = ""
+    """A label file (CSV/TSV: id, label, optionally clean_label) whose labels replace the training split's given
+    ones, e.g. the output of mcpipe clean; empty = the store's (or the data set's) labels. The store is never
+    rewritten; the run records the file's sha256."""
+
+
+@dataclass(frozen=True)
 class CleanerConfig:
     subset_size: int = 4
     """N, images per class subset; 1 = the plain softmax baseline."""
@@ -314,6 +322,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     cleaner: CleanerConfig = field(default_factory=CleanerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -52,7 +52,21 @@ def test_keep_relabel_drop_at_the_runs_estimate(run, tmp_path):
 
     res = invoke(run, "--out", tmp_path / "drop.csv", "--action", "drop", "--fraction", "0.5")
     assert res.exit_code == 0 and "5 of 10 labels flagged (0.500, given" in res.output
-    assert [r["id"] for r in rows(tmp_path / "drop.csv")] == [f"img{i}" for i in range(5, 10)]
+    assert "10 rows" in res.output and "(5 dropped: empty label)" in res.output
+    drop = rows(tmp_path / "drop.csv")  # every row stays (--labels needs them all); the flagged ones lose their label
+    assert [r["id"] for r in drop] == [f"img{i}" for i in range(10)]
+    assert [r["label"] for r in drop] == [""] * 5 + [r["given_label"] for r in drop[5:]]
+
+
+def test_rows_the_run_dropped_stay_dropped_and_are_not_flagged(run, tmp_path):
+    text = (run / "scores.csv").read_text().splitlines()
+    text[1] = text[1].replace(",fit,", ",dropped,")  # img0, the lowest score, was left out by the run's label file
+    (run / "scores.csv").write_text("\n".join(text) + "\n")
+    res = invoke(run, "--out", tmp_path / "keep.csv", "--fraction", "0.2")
+    assert res.exit_code == 0 and "(1 dropped: empty label)" in res.output, res.output
+    keep = rows(tmp_path / "keep.csv")
+    assert keep[0]["id"] == "img0" and keep[0]["label"] == "" and keep[0]["is_label_issue"] == "0"
+    assert [r["id"] for r in keep if r["is_label_issue"] == "1"] == ["img1", "img2"]  # 0.2 of the 9 others
 
 
 def test_classifier_score_without_cross_validation_and_refusals(run, tmp_path):

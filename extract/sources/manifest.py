@@ -15,6 +15,12 @@ optionally ``clean_label`` (any order; other columns are ignored), e.g.::
     images/0001.jpg,cat,
     images/0002.jpg,dog,cat
 
+A label file written by ``mcpipe clean`` is a manifest too: its ``id``
+column (the image path, for file sources) stands for ``path``, and the rows
+it drops (an empty ``label`` in a file with a ``given_label`` column) are
+left out; so ``mcpipe clean RUN --out DATA/train.csv`` (with a
+``classes.txt`` to keep the class order) makes a cleaned data set.
+
 Paths are relative to ``root`` and may not leave it. Labels are class names.
 Without ``classes.txt`` the classes are the sorted union of the labels and
 clean labels of every table in ``root``; when all of them are integers
@@ -27,6 +33,7 @@ An empty ``clean_label`` cell means unknown.
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +44,9 @@ from mcpipe.config import DataConfig
 from mcpipe.errors import DataError
 from mcpipe.extract.sources.base import UNKNOWN, SplitIndex
 from mcpipe.extract.sources.common import data_root, no_split, read_lines, safe_relpath
+from mcpipe.labels import DROP_MARKER
+
+log = logging.getLogger(__name__)
 
 NAME = "manifest"
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
@@ -84,11 +94,13 @@ def _read_table(path: Path) -> Table:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=DELIMITERS[path.suffix.lower()])
         header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in ("path", "label") if c not in header]
+        path_column = "path" if "path" in header or "id" not in header else "id"  # mcpipe clean writes id
+        missing = [c for c in (path_column, "label") if c not in header]
         if missing:
             raise DataError(f"{path} line 1: header lacks the column(s) {', '.join(missing)}; "
                             f"expected path, label and optionally clean_label, found {header}")
-        p_col, l_col = header.index("path"), header.index("label")
+        p_col, l_col = header.index(path_column), header.index("label")
+        may_drop, dropped = DROP_MARKER in header, 0
         c_col = header.index("clean_label") if "clean_label" in header else None
         width = max(p_col, l_col, c_col or 0) + 1
         for row in reader:
@@ -99,11 +111,16 @@ def _read_table(path: Path) -> Table:
                 where = f"{path} line {reader.line_num}"
                 if len(row) < width:
                     raise DataError(f"{where}: {len(row)} fields, expected at least {width} (header {header})")
+                if may_drop:
+                    dropped += 1  # by mcpipe clean
+                    continue
                 raise DataError(f"{where}: empty label, expected a class name")
             ids.append(safe_relpath(row[p_col].strip(), file=path, line=reader.line_num))
             labels.append(label)
             clean.append(row[c_col].strip() if c_col is not None else "")
             lines.append(reader.line_num)
+    if dropped:
+        log.info("%s: %d rows with an empty label left out (dropped by mcpipe clean)", path, dropped)
     return Table(path, ids, labels, clean, lines)
 
 
@@ -122,7 +139,13 @@ def infer_classes(tables: list[Table]) -> tuple[list[str], dict[str, int]]:
     integers = {x for x in names if _INTEGER.fullmatch(x)}
     if integers and integers != names:
         raise _mixed_labels(tables, integers)
-    if names and integers == names:
+    return classes_of(names)
+
+
+def classes_of(names: set[str]) -> tuple[list[str], dict[str, int]]:
+    """(classes, label -> index) of labels that are all integers ("0".."max", each label its
+    own index) or all class names (their sorted list); the caller has refused a mix."""
+    if names and all(_INTEGER.fullmatch(x) for x in names):
         lookup = {x: int(x) for x in names}
         return [str(i) for i in range(max(lookup.values()) + 1)], lookup
     classes = sorted(names)

@@ -10,16 +10,19 @@ the figures of every run. Written to ``RUN/report/`` unless ``--out``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mcpipe.cleaner.metrics import detection as detection_of
 from mcpipe.cleaner.sweep import align_columns
 from mcpipe.errors import DataError
+from mcpipe.labels import read_label_file
 from mcpipe.report import figures
-from mcpipe.report.collect import Run, Sweep, is_sweep, read_run, read_scores, read_sweep
+from mcpipe.report.collect import Run, Scores, Sweep, is_sweep, read_run, read_scores, read_sweep
 from mcpipe.report.images import load_images
 from mcpipe.report.page import Section, Table, write_page
 
@@ -38,23 +41,35 @@ class Written:
     summary: str = ""
 
 
+@dataclass(frozen=True)
+class Options:
+    """What the command line asks of every run's section."""
+
+    features: Path | None = None   # the store folder, when not where the run recorded it
+    suspects: int = 24             # images on the contact sheet
+    labels: Path | None = None     # a label file to judge the scores against (its clean_label, else its label)
+
+
 def report(path: str | Path, *, out: str | Path | None = None, features: str | Path | None = None,
-           suspects: int = 24) -> Written:
+           suspects: int = 24, labels: str | Path | None = None) -> Written:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist: give a run folder (train-head, finetune --out) or a sweep folder")
     out = Path(out) if out is not None else path / "report"
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a folder")
-    features = Path(features) if features is not None else None
+    opts = Options(Path(features) if features is not None else None, suspects,
+                   Path(labels) if labels is not None else None)
+    if opts.labels is not None and not opts.labels.is_file():
+        raise DataError(f"label file {opts.labels} does not exist")
     if is_sweep(path):
         sweep = read_sweep(path)  # read everything before writing anything
         out.mkdir(parents=True, exist_ok=True)
-        return _sweep_report(sweep, out, features, suspects)
+        return _sweep_report(sweep, out, opts)
     run = read_run(path)
     out.mkdir(parents=True, exist_ok=True)
     written = Written(out / "index.html")
-    section = _run_section(run, out, "", features, suspects, written)
+    section = _run_section(run, out, "", opts, written)
     write_page(written.index, f"mcpipe report: {run.name} ({run.kind} run)", [section], source=path.resolve())
     written.summary = _run_summary(run)
     return written
@@ -63,7 +78,7 @@ def report(path: str | Path, *, out: str | Path | None = None, features: str | P
 # ---- one run ---------------------------------------------------------------------------------------------
 
 
-def _run_section(run: Run, out: Path, rel: str, features: Path | None, suspects: int, written: Written) -> Section:
+def _run_section(run: Run, out: Path, rel: str, opts: Options, written: Written) -> Section:
     """Draw a run's figures into ``out`` (page-relative prefix ``rel``) and describe them."""
     s = Section(f"{run.name}", facts=_facts(run), config_text=run.config_text)
 
@@ -81,7 +96,7 @@ def _run_section(run: Run, out: Path, rel: str, features: Path | None, suspects:
     else:
         note("no epoch finished: no training curves")
     if run.scores is not None:
-        _scores_figures(run, out, features, suspects, add, note)
+        _scores_figures(run, out, opts, add, note)
     elif run.kind == "finetune":
         note("finetune runs keep no per-image scores: the score histograms and the suspect images come from "
              "train-head runs (mcpipe report on the head run given to --head)")
@@ -148,11 +163,28 @@ def _facts(run: Run) -> list[tuple[str, str]]:
     return facts
 
 
-def _scores_figures(run: Run, out: Path, features: Path | None, suspects: int, add, note) -> None:  # noqa: ANN001
+def _judged_by(scores: Scores, path: Path) -> Scores:
+    """``scores`` with the truth taken from a label file: its clean_label column (empty = unknown), or, in a
+    file without one, its label column (a re-annotation)."""
+    names = sorted({x for x in (*scores.given, *scores.predicted, *scores.clean) if x})
+    file = read_label_file(path, scores.ids, names, what="the run's scores.csv")
+    truth = file.clean_labels if file.clean_labels is not None else file.labels
+    clean = [names[t] if t >= 0 else "" for t in truth]
+    known = (truth >= 0) & np.array([g != "" for g in scores.given])
+    wrong = known & np.array([g != c for g, c in zip(scores.given, clean)])
+    return dataclasses.replace(scores, clean=clean, known=known, wrong=wrong)
+
+
+def _scores_figures(run: Run, out: Path, opts: Options, add, note) -> None:  # noqa: ANN001
     scores = read_scores(run.scores)
+    detection = run.metrics.get("detection", {})
+    if opts.labels is not None:
+        scores = _judged_by(scores, opts.labels)
+        detection = {name: detection_of(values, scores.known, scores.wrong) or {}
+                     for name, values in (("alpha", scores.alpha), ("classifier", scores.classifier))}
+        note(f"known-right and known-wrong labels from {opts.labels}, not from the run")
     known, flipped = scores.known, scores.wrong
     panels = []
-    detection = run.metrics.get("detection", {})
     names = ["alpha", "classifier"] if (run.subset_size or 1) > 1 else ["classifier"]
     if known.any() and flipped.any() and not flipped[known].all():
         for name in names:
@@ -167,7 +199,7 @@ def _scores_figures(run: Run, out: Path, features: Path | None, suspects: int, a
     else:
         note("no image has both a known-clean and a known-flipped label: no score histograms "
              "(train with noise.kind other than none, or on a data set with verified labels)")
-    _suspects(run, scores, known, flipped, out, features, suspects, add, note)
+    _suspects(run, scores, known, flipped, out, opts.features, opts.suspects, add, note)
 
 
 def _suspects(run: Run, scores, known, flipped, out: Path, features: Path | None, k: int, add, note) -> None:  # noqa: ANN001
@@ -259,7 +291,7 @@ def _cell(run: Run) -> str:
     return acc + ("" if run.auroc is None else f" ({run.auroc:.3f})")
 
 
-def _sweep_report(sweep: Sweep, out: Path, features: Path | None, suspects: int) -> Written:
+def _sweep_report(sweep: Sweep, out: Path, opts: Options) -> Written:
     written = Written(out / "index.html")
     x, keys = _axes(sweep)
     table = pivot(sweep)
@@ -285,7 +317,7 @@ def _sweep_report(sweep: Sweep, out: Path, features: Path | None, suspects: int)
     for run in sweep.runs:
         run_out = out / run.name
         run_out.mkdir(exist_ok=True)
-        sections.append(_run_section(run, run_out, f"{run.name}/", features, suspects, written))
+        sections.append(_run_section(run, run_out, f"{run.name}/", opts, written))
     write_page(written.index, f"mcpipe report: sweep {sweep.path.name}", sections, source=sweep.path.resolve())
     title = f"test top-1 accuracy (noise-detection AUROC) by {x or 'run'}" + (f" and {', '.join(keys)}" if keys else "")
     written.summary = title + "\n" + align_columns(table.header, table.rows)
