@@ -180,7 +180,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
             log.info("start (the head on the pretrained backbone): val top-1 %.4f%s", begin["val_top1"],
                      f", test top-1 {begin['test_top1']:.4f}" if "test_top1" in begin else "")
             if keep_best:
-                export(_metrics(cfg, history, train, given, val, labels_record, 0.0, 0, begin), confusion)
+                export(_metrics(cfg, history, train, given, val, 0.0, 0, begin, labels=labels_record), confusion)
         barrier(info)
     epoch = 0
     for phase in plan(cfg):
@@ -239,7 +239,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
             seconds = seconds_before + time.perf_counter() - start
             row["seconds"] = seconds  # wall time of the run so far, evaluations included
             if info.is_main:
-                metrics = _metrics(cfg, history, train, given, val, labels_record, seconds, replaced, begin)
+                metrics = _metrics(cfg, history, train, given, val, seconds, replaced, begin, labels=labels_record)
                 if keep_best and metrics["best_epoch"] == epoch:  # before the checkpoint: a resume re-exports
                     export(metrics, confusion)
                 elif not keep_best and confusion is not None:
@@ -254,8 +254,8 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
                          f", test top-1 {row['test_top1']:.4f}" if "test_top1" in row else "",
                          row["images_per_second"])
             barrier(info)
-    metrics = _metrics(cfg, history, train, given, val, labels_record, seconds_before + time.perf_counter() - start, replaced,
-                       begin)
+    metrics = _metrics(cfg, history, train, given, val, seconds_before + time.perf_counter() - start, replaced,
+                       begin, labels=labels_record)
     if info.is_main:
         if not keep_best:  # (the best epoch's model was written when it was reached; confusion.csv every epoch)
             export(metrics, None)
@@ -378,7 +378,7 @@ def _read_checkpoint(out: Path, device: torch.device, config_text: str) -> dict:
 
 
 def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndarray, val: SplitIndex | None,
-             labels_record: dict | None, seconds: float, replaced: int, begin: dict | None = None) -> dict:
+             seconds: float, replaced: int, begin: dict | None = None, *, labels: dict | None = None) -> dict:
     """``metrics.json``: the best epoch is chosen on validation top-1 (given labels; ties: the earlier epoch),
     never on the test split; with ``--head``, epoch 0 (``start``: the head on the pretrained backbone, before
     any training) is a candidate too. The exported model is the best epoch's (``finetune.export = "best"``,
@@ -389,8 +389,8 @@ def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndar
                          "realized_rate": float((given != train.labels).mean())},
                "val_images": 0 if val is None else len(val),
                "val_from": None if val is None else val.split, "chosen_on": "none" if val is None else "val"}
-    if labels_record is not None:
-        m["labels"] = labels_record
+    if labels is not None:  # the label file's record
+        m["labels"] = labels
     if begin is not None:
         m["start"] = begin
     rows = ([begin] if begin is not None else []) + history
