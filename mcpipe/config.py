@@ -17,12 +17,13 @@ from typing import Any, Literal
 from mcpipe.errors import ConfigError
 
 SourceName = Literal["imagefolder", "manifest", "food101n", "clothing1m", "fashion-mnist", "mnist", "cifar10",
-                     "cifar100"]
+                     "cifar100", "webdataset"]
 BackboneName = Literal[
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
     "wide_resnet50_2", "wide_resnet101_2", "efficientnet_lite0",
 ]
+TIMM_PREFIX = "timm:"  # extract.backbone = "timm:<model name>": any timm model (optional extra timm)
 
 
 def _check(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -38,7 +39,8 @@ def _check_device(key: str, dev: str) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     source: SourceName = "imagefolder"
-    """Layout of the data set: imagefolder, manifest, food101n, clothing1m, fashion-mnist, mnist, cifar10, cifar100."""
+    """Layout of the data set: imagefolder, manifest, food101n, clothing1m, fashion-mnist, mnist, cifar10, cifar100,
+    webdataset (.tar shards, img2dataset's output)."""
     root: str = "data"
     """Folder that holds the data set, in the layout `source` names."""
     test_root: str = ""
@@ -65,10 +67,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    backbone: BackboneName = "resnet50"
-    """Feature network: torchvision ResNets (resnet50: 2048-d) or efficientnet_lite0 (1280-d)."""
+    backbone: str = "resnet50"
+    """Feature network: a BackboneName (torchvision ResNets, resnet50: 2048-d; efficientnet_lite0, 1280-d) or
+    timm:<model name> (pip extra timm), e.g. timm:vit_small_patch14_dinov2.lvd142m."""
     weights: str = "DEFAULT"
-    """DEFAULT (the network's ImageNet weights), a torchvision weights name such as IMAGENET1K_V2, a local state_dict path, or none (random init)."""
+    """DEFAULT (the network's ImageNet weights; for timm the tag's, from the local cache only), a torchvision weights name such as IMAGENET1K_V2, a local state_dict path, or none (random init)."""
     image_size: int = 224
     """Side of the center crop fed to the network, in pixels."""
     resize: int = 0
@@ -83,6 +86,10 @@ class ExtractConfig:
     """Stop at the first unreadable image instead of skipping and recording it."""
 
     def __post_init__(self) -> None:
+        names = typing.get_args(BackboneName)
+        timm_name = self.backbone.startswith(TIMM_PREFIX) and len(self.backbone) > len(TIMM_PREFIX)
+        _check(self.backbone in names or timm_name, "extract.backbone", self.backbone,
+               "one of " + ", ".join(repr(n) for n in names) + f", or '{TIMM_PREFIX}<model name>'")
         _check(16 <= self.image_size <= 1024, "extract.image_size", self.image_size, "an integer in [16, 1024]")
         _check(self.resize == 0 or self.resize >= self.image_size, "extract.resize", self.resize,
                f"0 (auto) or an integer >= image_size ({self.image_size})")
@@ -327,6 +334,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def __post_init__(self) -> None:
+        # a label file (mcpipe clean's above all) already holds the labels to train with, noise included
+        _check(not self.labels.file or self.noise.kind == "none", "noise.kind", self.noise.kind,
+               f"none when labels.file is set ({self.labels.file}): the file's labels are trained as they are")
 
 
 # --------------------------------------------------------------------------- loading

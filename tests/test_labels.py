@@ -214,3 +214,11 @@ def test_a_cleaned_label_file_is_a_manifest_for_extract(tmp_path):
     assert len(b.ids) == len(kept) == 9 and {x: b.classes[y] for x, y in zip(b.ids, b.labels)} == kept
     rows = {x: i for i, x in enumerate(a.ids)}
     np.testing.assert_array_equal(b.features, a.features[[rows[x] for x in b.ids]])  # the same images
+
+
+def test_a_label_file_is_not_noised_again(feats, tmp_path):
+    path = store_labels(feats, tmp_path / "l.csv")
+    res = invoke("train-head", "--features", feats, "--out", tmp_path / "r", "--labels", path, *FAST,
+                 "--set", "noise.kind=symmetric", "--set", "noise.rate=0.2")
+    assert res.exit_code == 2 and "noise.kind = 'symmetric' is invalid: expected none when labels.file is set" \
+        in res.output and not (tmp_path / "r").exists(), res.output

@@ -43,7 +43,7 @@ def assert_rgb(index, rows, size):
 
 def test_registry_names_every_configurable_source():
     assert set(SOURCES) == {"imagefolder", "manifest", "food101n", "clothing1m", "fashion-mnist", "mnist", "cifar10",
-                            "cifar100"}
+                            "cifar100", "webdataset"}
     for module in SOURCES.values():
         assert callable(module.list_splits) and callable(module.load_split)
 

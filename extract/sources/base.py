@@ -3,7 +3,8 @@
 A source reads its data set's real layout and returns, per split, a
 :class:`SplitIndex`: ids, given (noisy) labels, known clean labels and class
 names, plus how to get an image. File-based sources point at files under
-``root``; array-based ones (IDX, CIFAR pickles) carry the pixels in memory.
+``root``; array-based ones (IDX, CIFAR pickles) carry the pixels in memory;
+shard sources (WebDataset tars) say where each image's bytes lie (``members``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from mcpipe.errors import DataError
-from mcpipe.extract.images import from_array, open_image
+from mcpipe.extract.images import from_array, open_image, open_image_bytes
+from mcpipe.extract.sources.members import Members
 
 UNKNOWN = -1  # clean_labels value for "true label not known"
 
@@ -36,6 +38,8 @@ class SplitIndex:
         pixels: (N, H, W) or (N, H, W, 3) uint8 images for array sources, else None.
         verified: (N,) int8 human verification where a data set has it
             (1 label correct, 0 label wrong, -1 not verified), else None.
+        members: for shard sources, where row i's encoded image lies inside a
+            shard (see ``members.py``), else None.
     """
 
     source: str
@@ -47,12 +51,14 @@ class SplitIndex:
     classes: list[str]
     pixels: np.ndarray | None = None
     verified: np.ndarray | None = None
+    members: Members | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
         assert self.labels.shape == (n,) and self.clean_labels.shape == (n,), "labels must be (N,)"
         assert self.pixels is None or len(self.pixels) == n
         assert self.verified is None or self.verified.shape == (n,)
+        assert self.members is None or len(self.members) == n
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -61,6 +67,8 @@ class SplitIndex:
         """Image ``i`` as RGB; raises ``ImageSkip`` for a missing or unreadable file."""
         if self.pixels is not None:
             return from_array(self.pixels[i])
+        if self.members is not None:
+            return open_image_bytes(self.members.read(i), min_size=min_size)
         return open_image(self.root / self.ids[i], min_size=min_size)
 
     def fingerprint(self) -> str:
@@ -83,6 +91,7 @@ class SplitIndex:
             clean_labels=self.clean_labels[rows],
             pixels=None if self.pixels is None else self.pixels[rows],
             verified=None if self.verified is None else self.verified[rows],
+            members=None if self.members is None else self.members.take(rows),
         )
 
 

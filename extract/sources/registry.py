@@ -6,7 +6,8 @@ from typing import Protocol
 
 from mcpipe.config import DataConfig
 from mcpipe.errors import ConfigError
-from mcpipe.extract.sources import cifar10, cifar100, clothing1m, fashion_mnist, food101n, imagefolder, manifest, mnist
+from mcpipe.extract.sources import (cifar10, cifar100, clothing1m, fashion_mnist, food101n, imagefolder, manifest,
+                                     mnist, webdataset)
 from mcpipe.extract.sources.base import SplitIndex, check_index, limit_index
 from mcpipe.extract.sources.noisy_labels import apply_label_set
 
@@ -28,6 +29,7 @@ SOURCES: dict[str, Source] = {
     "mnist": mnist,
     "cifar10": cifar10,
     "cifar100": cifar100,
+    "webdataset": webdataset,
 }
 
 

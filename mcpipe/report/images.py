@@ -2,8 +2,8 @@
 
 A store records where its images came from (``data_root``, the extraction
 config, the split). File sources keep ids relative to ``data_root``, so an
-image is opened directly; array sources (Fashion-MNIST, CIFAR-10) rebuild the
-split's index once. When the images cannot be reached, the reason is returned
+image is opened directly; array sources (Fashion-MNIST, CIFAR-10) and shard
+sources (WebDataset, ids are sample keys) rebuild the split's index once. When the images cannot be reached, the reason is returned
 instead, so the report can say so.
 """
 
