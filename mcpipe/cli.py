@@ -19,6 +19,24 @@ from typer.core import TyperGroup
 
 from mcpipe.config import Config, load_config, replace
 from mcpipe.errors import ConfigError, MCPipeError
+from mcpipe.rundir import resume_mode
+from mcpipe.stopping import Preempted
+
+
+def _resume_values(args: list[str]) -> list[str]:
+    """``--resume`` alone -> ``--resume=yes``, ``--resume auto`` -> ``--resume=auto`` (click options take a value
+    or none, not an optional one)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] == "--resume":
+            auto = i + 1 < len(args) and args[i + 1] == "auto"
+            out.append("--resume=auto" if auto else "--resume=yes")
+            i += 2 if auto else 1
+        else:
+            out.append(args[i])
+            i += 1
+    return out
 
 
 class _OneLineUsageErrors(TyperGroup):
@@ -32,7 +50,7 @@ class _OneLineUsageErrors(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        args = sys.argv[1:] if args is None else list(args)
+        args = _resume_values(sys.argv[1:] if args is None else list(args))
         try:
             code = super().main(args or ["--help"], prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as exc:
@@ -64,7 +82,9 @@ LogOpt = typer.Option("info", "--log-level", help="debug, info, warning or error
 FeaturesOpt = typer.Option(None, "--features", "-f", help="Folder with train.h5 (and test.h5); default: config key store.dir.")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
-ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run in --out.")
+ResumeOpt = typer.Option("no", "--resume", metavar="[auto]", show_default=False,
+                         help="Continue the interrupted run in --out; --resume auto: continue it if --out holds a "
+                              "checkpoint of this config, else start fresh (for requeued jobs).")
 OverwriteRunOpt = typer.Option(False, "--overwrite", help="Replace a run already in --out.")
 LabelsOpt = typer.Option(None, "--labels", "-l", help="CSV/TSV of id, label [, clean_label] replacing the training labels (config key labels.file), e.g. what mcpipe clean wrote.")
 
@@ -102,6 +122,9 @@ def guarded(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Preempted as exc:  # a signal, after a checkpoint: not an error, a requeue
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(exc.exit_code) from None
         except MCPipeError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
@@ -145,7 +168,7 @@ def train_head(
     features: Optional[Path] = FeaturesOpt,
     out: Path = typer.Option(Path("runs/head"), "--out", "-o", help="Run folder to write."),
     labels: Optional[Path] = LabelsOpt,
-    resume: bool = ResumeOpt,
+    resume: str = ResumeOpt,
     overwrite: bool = OverwriteRunOpt,
     device: Optional[str] = DeviceOpt,
     progress: bool = ProgressOpt,
@@ -156,7 +179,7 @@ def train_head(
     cfg = _train_config(config, set_, device, labels)
     from mcpipe.cleaner.run import run
 
-    m = run(cfg, features=features or Path(cfg.store.dir), out=out, resume=resume, overwrite=overwrite,
+    m = run(cfg, features=features or Path(cfg.store.dir), out=out, resume=resume_mode(resume, out), overwrite=overwrite,
             progress=progress and sys.stderr.isatty())
     typer.echo(head_summary(cfg, m, out))
 
@@ -219,7 +242,7 @@ def finetune(
     head: Optional[Path] = typer.Option(None, "--head", help="A train-head run (or its head.pt) to start the cleaner and classifier from."),
     out: Path = typer.Option(Path("runs/finetune"), "--out", "-o", help="Run folder to write."),
     labels: Optional[Path] = LabelsOpt,
-    resume: bool = ResumeOpt,
+    resume: str = ResumeOpt,
     overwrite: bool = OverwriteRunOpt,
     device: Optional[str] = DeviceOpt,
     progress: bool = ProgressOpt,
@@ -232,7 +255,8 @@ def finetune(
         cfg = replace(cfg, "finetune", device=device)
     from mcpipe.finetune.run import run
 
-    m = run(cfg, out=out, head=head, resume=resume, overwrite=overwrite, progress=progress and sys.stderr.isatty())
+    m = run(cfg, out=out, head=head, resume=resume_mode(resume, out), overwrite=overwrite,
+            progress=progress and sys.stderr.isatty())
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(finetune_summary(m, out))
 

@@ -145,7 +145,8 @@ def read_label_file(path: str | Path, ids: list[str], classes: list[str], *, wha
                     f"line {line}, {name!r}")
                 continue
             clean[r] = lookup[name]
-    for problem, where in problems.items():
+    if problems:  # the first kind of problem met, with its count and first row
+        problem, where = next(iter(problems.items()))
         raise _rows_message(path, len(where), problem, where[0])
     if not seen.all():
         missing = np.flatnonzero(~seen)

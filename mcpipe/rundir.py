@@ -23,6 +23,20 @@ _WRITER = "mcpipe train-head, finetune or sweep"
 _KEPT = "the previous version, if any, is kept"
 
 
+RESUME_VALUES = ("no", "yes", "auto")
+
+
+def resume_mode(value: str, out: Path) -> bool:
+    """``--resume`` as given ("no", "yes" or "auto") -> whether to resume ``out``. "auto" resumes when ``out``
+    holds a checkpoint (of another config that is then refused, as with a plain ``--resume``) and starts fresh
+    when it holds none: a requeued job runs the same command every time."""
+    if value not in RESUME_VALUES:
+        raise ConfigError(f"--resume {value!r} is invalid: expected --resume alone or --resume auto")
+    if value == "auto":
+        return (out / "checkpoint.pt").is_file()
+    return value == "yes"
+
+
 def check_run_dir(out: Path, config_text: str, files: tuple[str, ...], *, resume: bool, overwrite: bool) -> None:
     """Refuse, touching nothing: a file as ``out``; ``--resume`` without a checkpoint or with another config;
     a folder already holding a run (any of ``files`` besides config.toml) without ``--overwrite``, or one that

@@ -1,0 +1,66 @@
+"""Stopping on request: SIGTERM and SIGUSR1, what Slurm and Kubernetes send before they kill a job.
+
+A long loop runs inside ``with stop_on_signals() as stop:`` and looks at
+``stop.requested`` where stopping is safe (finetune after a step, train-head
+and sweep at an epoch boundary, extract after the block in flight); there it
+writes its checkpoint and raises :class:`Preempted`, which the command line
+turns into one line saying how to resume and the exit status
+:data:`EXIT_PREEMPTED`. A second signal does not wait: it raises
+``KeyboardInterrupt`` at once, like Ctrl-C (the last checkpoint still stands).
+Outside such a block the signals keep their default action (the process ends).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+from mcpipe.errors import MCPipeError
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL ("try again later"): a requeued job resumes
+SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+class Preempted(MCPipeError):
+    """Stopped on a signal after the work so far was saved; the message says how to resume."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+@dataclass
+class StopRequest:
+    """Set by the first signal; ``signal_name`` says which."""
+
+    requested: bool = False
+    signal_name: str = ""
+
+    def preempted(self, what: str, resume: str) -> Preempted:
+        """The exception to raise once the checkpoint is written: ``what`` was saved, ``resume`` is the command."""
+        return Preempted(f"stopped on {self.signal_name or 'request'}: {what}; {resume}")
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Within the block the first SIGTERM/SIGUSR1 sets ``requested``; a second raises ``KeyboardInterrupt``.
+
+    Outside the main thread (signal handlers can only be set there) the block only yields a request that
+    nothing sets."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested, stop.signal_name = True, signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield stop
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
