@@ -406,7 +406,8 @@ def format_summary(s: dict) -> str:
         f"rows        {s['rows']:,} ({s['usable_rows']:,} usable, {s['skipped']} skipped)"
         f"   complete: {'yes' if s['complete'] else 'NO'}",
         f"features    {s['feature_dim']}-d {s['dtype']}",
-        f"data        {prov['dataset']} / {prov['split']}  ({prov['data_root']})",
+        f"data        {prov['dataset']} / {prov['split']}  ({prov['data_root']})"
+        + ("; each row's image path recorded" if s.get("image_paths") else ""),
         f"backbone    {prov['backbone']}  weights={prov['weights']}"
         + ("  (RANDOM INIT)" if prov["random_init"] else f"  sha256={str(prov['weights_sha256'])[:16]}"),
         f"preprocess  {_preprocessing(prov['preprocessing'])}; {prov['precision']} on {prov['device']}",

@@ -4,11 +4,11 @@ Two layouts are read:
 
 * ``.npy`` arrays (one or more, concatenated by rows in the order given) and a
   CSV/TSV with columns ``id``, ``label`` (a class name) and optionally
-  ``clean_label`` (a class name, empty = unknown) and ``path``; row ``i`` of
-  the table describes row ``i`` of the arrays.
+  ``clean_label`` (a class name, empty = unknown) and ``path`` (the image
+  file); row ``i`` of the table describes row ``i`` of the arrays.
 * clip-retrieval's output folder: ``img_emb/img_emb_{i}.npy`` with
-  ``metadata/metadata_{i}.parquet`` (column ``image_path``, the id, and a label
-  column); reading parquet needs pyarrow (optional).
+  ``metadata/metadata_{i}.parquet`` (column ``image_path``, the id and the
+  image file, and a label column); reading parquet needs pyarrow (optional).
 
 The class list is the sorted set of label names, a ``--classes`` file (one name
 per line), or -- for any split but ``train`` -- the one of ``train.h5`` already
@@ -17,6 +17,15 @@ output is touched (shapes, dtypes, NaN/inf, ids, class names); the store is
 written through :class:`mcpipe.store.writer.StoreWriter` (atomic creation, then
 blocks) and records backbone ``imported`` and every source file with its
 sha256 (attribute ``import_sources``, JSON).
+
+Image paths (a non-empty ``path`` column, or clip-retrieval's ``image_path``)
+are kept in the store's optional ``paths`` dataset, for the report's contact
+sheet. A relative path is taken relative to the folder of the file that names
+it -- the labels file, or the ``--clip-retrieval`` folder -- and stored made
+absolute (lexically: no file is touched, symlinks are kept), so the store finds
+its images from any working directory and from any run folder, as
+``import_sources`` finds its inputs. A path that does not exist is kept as it
+is: the report says which images it could not read.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -67,6 +77,7 @@ class _Table:
     labels: list[str]
     clean: list[str]  # "" = unknown
     source: str       # for messages: which file / column
+    paths: list[str] | None = None  # image files as given ("" = unknown); None = no path column
 
 
 # ---------------------------------------------------------------- files
@@ -136,7 +147,7 @@ def read_labels_table(path: Path) -> _Table:
                 raise DataError(f"labels file {path} lacks column(s) {', '.join(missing)}: its header is "
                                 f"{columns or '(empty)'}; expected id, label [, clean_label, path]")
             reader.fieldnames = columns
-            ids, labels, clean = [], [], []
+            ids, labels, clean, paths = [], [], [], []
             for line, row in enumerate(reader, start=2):
                 if None in row or any(row.get(c) is None for c in columns):
                     raise DataError(f"labels file {path} line {line} has {len(row) - (None in row)} fields "
@@ -149,11 +160,12 @@ def read_labels_table(path: Path) -> _Table:
                 ids.append(i)
                 labels.append(lab)
                 clean.append((row.get("clean_label") or "").strip())
+                paths.append((row.get("path") or "").strip())
     except UnicodeDecodeError as exc:
         raise DataError(f"labels file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
         raise DataError(f"labels file {path} is not a valid CSV/TSV: {exc}") from None
-    return _Table(ids, labels, clean, str(path))
+    return _Table(ids, labels, clean, str(path), paths if any(paths) else None)
 
 
 def _read_parquet(path: Path, columns: list[str]) -> dict[str, list]:
@@ -212,7 +224,7 @@ def _read_clip_retrieval(root: Path, label_column: str) -> tuple[list[Path], lis
             ids.append(str(i).strip())
             labels.append(str(lab).strip())
         arrays.append(arr)
-    table = _Table(ids, labels, [""] * len(ids), f"{root}/metadata (column {label_column!r})")
+    table = _Table(ids, labels, [""] * len(ids), f"{root}/metadata (column {label_column!r})", list(ids))
     return [p for p, _ in parts], arrays, table, [q for _, q in parts]
 
 
@@ -282,6 +294,16 @@ def _source_fingerprint(split: str, ids: list[str], labels: np.ndarray, clean: n
     """What defines the rows, hashed as extract hashes a data set's split."""
     return SplitIndex(source=BACKBONE, split=split, root=Path("."), ids=list(ids), labels=np.asarray(labels),
                       clean_labels=np.asarray(clean), classes=list(classes)).fingerprint()
+
+
+def _absolute_paths(paths: list[str], base: Path) -> list[str]:
+    """``paths`` made absolute against ``base`` (lexically, without touching the disk); "" and URLs kept."""
+    base = str(base.resolve())
+    out = [p if not p or "://" in p else os.path.abspath(os.path.join(base, os.path.expanduser(p))) for p in paths]
+    first = [p for p in out if p][:3]
+    if first and not any(os.path.isfile(p) for p in first):
+        log.warning("the first image paths do not exist (e.g. %s): the report will not show those images", first[0])
+    return out
 
 
 def _rows(arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
@@ -381,8 +403,12 @@ def run_import(out: Path, split: str, *, embeddings: list[Path] | None = None, l
         "import_sources": json.dumps(sources, sort_keys=True),
         "created_unix": time.time(),
     }
+    image_paths = None
+    if table.paths is not None:
+        base = Path(clip_retrieval) if clip_retrieval is not None else Path(labels).parent
+        image_paths = _absolute_paths(table.paths, base)
     spec = StoreSpec(ids=table.ids, labels=label_ids, clean_labels=clean_ids, feature_dim=dim, dtype=dtype,
-                     block_rows=BLOCK_ROWS, chunk_rows=CHUNK_ROWS, attrs=attrs)
+                     block_rows=BLOCK_ROWS, chunk_rows=CHUNK_ROWS, attrs=attrs, paths=image_paths)
     with StoreWriter.open(path, spec, overwrite=overwrite) as w:
         for b in w.pending_blocks():
             lo, hi = w.block_range(b)

@@ -39,6 +39,7 @@ class FeatureStore:
         features: (M, D) float16 | float32, M = usable rows; None if opened with ``load_features=False``.
         labels: (M,) int64 given labels. clean_labels: (M,) int64, -1 unknown.
         ids: M strings. rows: (M,) int64 row numbers in the file.
+        has_paths: the file records each row's image path (``read_paths`` reads them).
         classes: class names. attrs: provenance attributes.
         num_rows: N rows in the file. skipped: [(id, reason)] of images that could not be read.
     """
@@ -57,6 +58,7 @@ class FeatureStore:
     complete: bool
     skipped: list[tuple[str, str]] = field(default_factory=list)
     verified: np.ndarray | None = None
+    has_paths: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -102,8 +104,10 @@ def _check_layout(path: Path, f: h5py.File) -> None:
         if ds.shape != (n,) or ds.dtype != dtype:
             raise _refuse(path, f"has {name} of shape {ds.shape} and dtype {ds.dtype}; expected ({n},) "
                                 f"{np.dtype(dtype).name}")
-    if f["ids"].shape != (n,) or h5py.check_string_dtype(f["ids"].dtype) is None:
-        raise _refuse(path, f"has ids of shape {f['ids'].shape} and dtype {f['ids'].dtype}; expected ({n},) strings")
+    for name in ("ids", "paths"):  # paths: optional (mcpipe import), absent from older stores
+        if name in f and (f[name].shape != (n,) or h5py.check_string_dtype(f[name].dtype) is None):
+            raise _refuse(path, f"has {name} of shape {f[name].shape} and dtype {f[name].dtype}; "
+                                f"expected ({n},) strings")
 
 
 def open_store(path: str | Path, *, allow_incomplete: bool = False, load_features: bool = True) -> FeatureStore:
@@ -152,8 +156,21 @@ def open_store(path: str | Path, *, allow_incomplete: bool = False, load_feature
             path=path, features=features, labels=labels[rows], clean_labels=clean[rows],
             ids=[str(x) for x in ids_all[rows]], rows=rows, classes=classes, attrs=attrs,
             num_rows=len(written), feature_dim=int(f["features"].shape[1]), dtype=f["features"].dtype.name,
-            complete=complete, skipped=skipped, verified=verified,
+            complete=complete, skipped=skipped, verified=verified, has_paths="paths" in f,
         )
+
+
+def read_paths(store: FeatureStore) -> list[str] | None:
+    """The image path of each usable row ("" where none is known), or None for a store that records none.
+
+    Read on demand, not by ``open_store``: only the report's contact sheet needs them."""
+    if not store.has_paths:
+        return None
+    try:
+        with h5py.File(store.path, "r") as f:
+            return [str(p) for p in f["paths"].asstr()[:][store.rows]]
+    except (OSError, KeyError) as exc:
+        raise _refuse(store.path, f"cannot be read: {exc}") from None
 
 
 def read_features(source: FeatureStore | FeatureRows) -> np.ndarray:

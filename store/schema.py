@@ -11,6 +11,9 @@ Datasets (N rows, D feature dims):
   a skipped row is written (it will not be retried) but holds zeros and is
   left out by the reader
 * ``verified``     (N,) int8, optional -- human verification (1 right, 0 wrong, -1 not verified)
+* ``paths``        (N,) utf-8 strings, optional -- each row's image file as an absolute path ("" = none
+  known); written by ``mcpipe import`` when its input names the images, read by the report's contact
+  sheet. Extracted stores do not need it: their ids are paths relative to the ``data_root`` attribute.
 
 Attributes: see ``REQUIRED_ATTRS``.
 """

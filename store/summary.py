@@ -35,6 +35,7 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         "skipped_by_reason": dict(Counter(reason for _, reason in store.skipped)),
         "skipped_examples": [{"id": i, "reason": r} for i, r in store.skipped[:10]],
         "provenance": {k: store.attrs.get(k) for k in PROVENANCE_KEYS},
+        "image_paths": store.has_paths,  # the store records each row's image file (mcpipe import)
     }
     if store.verified is not None:
         v = store.verified

@@ -62,6 +62,7 @@ class StoreSpec:
     chunk_rows: int
     attrs: dict[str, Any]         # provenance; must hold source_fingerprint and config_fingerprint
     verified: np.ndarray | None = None  # (N,) int8, optional
+    paths: list[str] | None = None      # (N,) absolute image paths ("" = unknown), optional
 
     @property
     def num_rows(self) -> int:
@@ -118,6 +119,7 @@ def _room_needed(spec: StoreSpec) -> int:
     """Bytes a new store takes, a little more than HDF5 uses: features, per-row datasets, ids, attributes."""
     n, d = spec.num_rows, spec.feature_dim
     ids = sum(len(i.encode("utf-8")) + 40 for i in spec.ids)  # a heap id in the dataset, the string in a heap
+    ids += sum(len(p.encode("utf-8")) + 40 for p in spec.paths or ())
     attrs = sum(len(str(v)) + 64 for v in spec.attrs.values())
     return n * d * np.dtype(spec.dtype).itemsize + n * 19 + ids + attrs + (64 << 10)
 
@@ -153,6 +155,8 @@ def _create(path: Path, spec: StoreSpec) -> None:
             f.create_dataset("skipped", data=np.zeros(n, dtype=np.uint8))
             if spec.verified is not None:
                 f.create_dataset("verified", data=np.asarray(spec.verified, dtype=np.int8))
+            if spec.paths is not None:
+                f.create_dataset("paths", data=np.array(spec.paths, dtype=object), dtype=h5py.string_dtype("utf-8"))
             # features last: what HDF5 writes now lies in the file's first bytes, the rows (not written
             # yet) after them, in the order a run fills them
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)

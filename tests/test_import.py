@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 
+import h5py
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
+from fixtures_data import class_color, write_image
 from mcpipe import importer
 from mcpipe.cli import app
-from mcpipe.store.reader import open_store
+from mcpipe.store.reader import open_store, read_paths
 
 CLASSES = ["bird", "cat", "dog"]
 
@@ -70,6 +73,8 @@ def test_import_round_trips_and_trains(tmp_path):
     expected_clean = np.where(np.arange(90) % 3 == 0, -1, y)
     np.testing.assert_array_equal(s.clean_labels, expected_clean)
     assert s.attrs["backbone"] == "imported" and s.attrs["split"] == "train"
+    # the path column is kept, made absolute against the labels file's folder (the images need not exist)
+    assert read_paths(s) == [str(tmp_path / "img" / f"{i}.jpg") for i in range(90)]
     res = invoke("inspect", out / "train.h5")  # the plain-text summary too, with no preprocessing to show
     assert res.exit_code == 0 and "none (features not extracted by mcpipe)" in res.output, res.output
 
@@ -110,6 +115,9 @@ def test_tsv_classes_file_and_overwrite(tmp_path):
     assert invoke("import", "--out", out, *emb_args(npys), "--labels", tsv, "--classes", classes).exit_code == 0
     s = open_store(out / "train.h5")
     assert s.classes == ["dog", "cat", "bird", "fish"] and s.dtype == "float16"
+    assert not s.has_paths and read_paths(s) is None  # no path column: no paths dataset
+    with h5py.File(out / "train.h5", "r") as f:
+        assert "paths" not in f
     assert [s.classes[k] for k in s.labels] == [CLASSES[k] for k in y]
     assert (s.clean_labels == -1).all()
     before = (out / "train.h5").read_bytes()
@@ -215,6 +223,8 @@ def test_clip_retrieval_layout(tmp_path, monkeypatch):
     np.testing.assert_array_equal(s.features, x)
     assert s.ids[:2] == ["part0/0.jpg", "part0/1.jpg"] and s.ids[8] == "part1/0.jpg"
     assert s.classes == CLASSES and s.attrs["dataset"] == "clip-retrieval"
+    # image_path is the id and the image file: relative ones are taken relative to the clip-retrieval folder
+    assert read_paths(s)[:2] == [str(root.resolve() / "part0" / "0.jpg"), str(root.resolve() / "part0" / "1.jpg")]
     roles = sorted(src["role"] for src in json.loads(s.attrs["import_sources"]))
     assert roles == ["embeddings", "embeddings", "metadata", "metadata"]
 
@@ -234,3 +244,77 @@ def test_clip_retrieval_without_pyarrow_is_one_line(tmp_path):
     root, _, _ = _clip_layout(tmp_path, n_parts=1)
     refused(invoke("import", "--out", tmp_path / "f", "--clip-retrieval", root), "pip install pyarrow")
     assert not (tmp_path / "f").exists()
+
+
+HEAD = ["--set", "train.auto=false", "--set", "train.epochs=2", "--set", "train.batch_size=32",
+        "--set", "cleaner.hidden=16", "--set", "train.device=cpu", "--set", "cleaner.score_repeats=2",
+        "--set", "cleaner.knn_k=5", "--no-progress"]
+
+
+def _png_drawn(path):
+    assert path.is_file() and path.stat().st_size > 5000, path
+    with Image.open(path) as img:
+        assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 5, path
+
+
+def test_image_paths_reach_the_report(tmp_path):
+    """A path column -- relative to the labels file (here with ..) or absolute -- is kept in the store, and
+    the report of a run on it draws the suspect images; without one it says in one line why it cannot."""
+    npys, _, x, y = make(tmp_path, n=60)
+    images = tmp_path / "images"
+    for i in range(60):
+        write_image(images / f"{i}.png", size=(24, 24), color=class_color(int(y[i])))
+    labels = tmp_path / "meta" / "labels.csv"
+    labels.parent.mkdir()
+    rows = [f"s{i:04d},{CLASSES[y[i]]},{CLASSES[y[i]]},"
+            + (str(images / f"{i}.png") if i % 2 else f"../images/{i}.png") for i in range(60)]
+    labels.write_text("\n".join(["id,label,clean_label,path", *rows]) + "\n")
+    out = tmp_path / "feats"
+    res = invoke("import", "--out", out, *emb_args(npys), "--labels", labels)
+    assert res.exit_code == 0, res.output
+    s = open_store(out / "train.h5")
+    assert s.has_paths and read_paths(s) == [str(images / f"{i}.png") for i in range(60)]
+    res = invoke("inspect", out / "train.h5", "--json")
+    assert res.exit_code == 0 and json.loads(res.output)["image_paths"] is True, res.output
+
+    run = tmp_path / "run"
+    res = invoke("train-head", "--features", out, "--out", run, *HEAD)
+    assert res.exit_code == 0, res.output
+    res = invoke("report", run, "--out", tmp_path / "r", "--suspects", "12")
+    assert res.exit_code == 0, res.output
+    assert "suspect images not shown" not in res.output, res.output
+    _png_drawn(tmp_path / "r" / "suspects.png")
+
+    # the same run against a store imported without a path column: one line, no contact sheet
+    bare = tmp_path / "bare"
+    plain = tmp_path / "plain.csv"
+    plain.write_text("id,label\n" + "".join(f"s{i:04d},{CLASSES[y[i]]}\n" for i in range(60)))
+    assert invoke("import", "--out", bare, *emb_args(npys), "--labels", plain).exit_code == 0
+    res = invoke("report", run, "--out", tmp_path / "r2", "--features", bare)
+    assert res.exit_code == 0, res.output
+    notes = [line for line in res.output.splitlines() if "suspect images not shown" in line]
+    assert len(notes) == 1 and "records no image paths" in notes[0] and "path column" in notes[0], res.output
+    assert not (tmp_path / "r2" / "suspects.png").exists()
+
+    # paths that do not resolve (the images moved): the report says so, as for missing images
+    for f in images.iterdir():
+        f.rename(tmp_path / f.name)
+    res = invoke("report", run, "--out", tmp_path / "r3")
+    assert res.exit_code == 0, res.output
+    assert "suspect images not shown" in res.output and "none of the suspect images was found" in res.output
+    assert not (tmp_path / "r3" / "suspects.png").exists()
+
+
+def test_store_without_paths_opens_and_bad_paths_are_refused(tmp_path):
+    """A store written before the paths dataset existed still opens; a paths dataset of the wrong shape is refused."""
+    npys, csv, _, _ = make(tmp_path, n=12)
+    out = tmp_path / "f"
+    assert invoke("import", "--out", out, *emb_args(npys), "--labels", csv).exit_code == 0
+    with h5py.File(out / "train.h5", "r+") as f:
+        del f["paths"]  # as written before this version
+    s = open_store(out / "train.h5")
+    assert len(s.ids) == 12 and not s.has_paths and read_paths(s) is None
+    with h5py.File(out / "train.h5", "r+") as f:
+        f.create_dataset("paths", data=np.array(["a.png"] * 5, dtype=object), dtype=h5py.string_dtype("utf-8"))
+    with pytest.raises(importer.DataError, match=r"has paths of shape \(5,\).*expected \(12,\) strings"):
+        open_store(out / "train.h5")
