@@ -38,6 +38,7 @@ from mcpipe.labels import LabelFile, labels_toml, read_label_file
 from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
 from mcpipe.rundir import save_atomic, start_run_dir, write_json_atomic
+from mcpipe.stopping import StopRequest, stop_on_signals
 from mcpipe.store.reader import FeatureStore, open_store, read_features
 
 log = logging.getLogger(__name__)
@@ -275,10 +276,13 @@ def _sampler(cfg: Config, given: np.ndarray, rows: np.ndarray, graph) -> OnRows:
 
 
 def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-               progress: bool = False) -> dict:
+               progress: bool = False, stop: StopRequest | None = None) -> dict:
     """Train into ``out`` (the automatic search, or exactly ``cfg`` with ``train.auto = false``); returns the
-    metrics (also in ``out/metrics.json``)."""
+    metrics (also in ``out/metrics.json``). ``stop``: a SIGTERM/SIGUSR1 request (``mcpipe.stopping``): a fixed
+    configuration stops after the epoch's checkpoint, the search and the refit (no checkpoints of their own)
+    at once; each raises ``Preempted``."""
     out = Path(out)
+    stop = stop if stop is not None else StopRequest()
     store = prep.train
     config_text = run_config_text(cfg, store)
     start = time.perf_counter()
@@ -296,19 +300,18 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
             log.warning("%d classes have fewer than N = %d images and are drawn with replacement: %s",
                         len(sampler.small_classes), cfg.cleaner.subset_size, names)
     mean, std = feature_moments(prep.train_x) if cfg.train.standardize else (None, None)
-    run_lock = start_run_dir(out, config_text, _RUN_FILES, resume=resume, overwrite=overwrite)  # inputs are valid
-    with progress_bar(progress) as bar:
+    # inputs are valid: lock the run folder, released however this ends
+    with start_run_dir(out, config_text, _RUN_FILES, resume=resume, overwrite=overwrite), progress_bar(progress) as bar:
         if cfg.train.auto:
             head, history, found = _auto(cfg, prep, out, config_text, given, fit_rows, val, graph, mean, std,
-                                         resume=resume, bar=bar)
+                                         resume=resume, bar=bar, stop=stop)
         else:
             head, history = _fixed(cfg, prep, out, config_text, given, sampler, val, mean, std, resume=resume,
-                                   bar=bar)
+                                   bar=bar, stop=stop)
             found = None
-    metrics = finish(cfg, prep, head, out, labels, graph, history, fit_rows, val, found)
-    metrics["seconds"] = time.perf_counter() - start
-    write_json_atomic(metrics, out / "metrics.json")
-    run_lock.release()
+        metrics = finish(cfg, prep, head, out, labels, graph, history, fit_rows, val, found)
+        metrics["seconds"] = time.perf_counter() - start
+        write_json_atomic(metrics, out / "metrics.json")
     return metrics
 
 
@@ -323,7 +326,7 @@ def _scored(prep: Prepared, val: Validation | None, predictions) -> dict:
 
 
 def _fixed(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.ndarray, sampler: OnRows,
-           val: Validation | None, mean, std, *, resume: bool, bar) -> tuple[Head, list[dict]]:
+           val: Validation | None, mean, std, *, resume: bool, bar, stop: StopRequest) -> tuple[Head, list[dict]]:
     """Exactly ``cfg`` (``train.auto = false``): train the fit rows, a checkpoint every epoch."""
     head = _new_head(cfg, prep, mean, std)
     t = cfg.train
@@ -355,11 +358,13 @@ def _fixed(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.n
                  f", validation accuracy {row['val_accuracy']:.4f}" if "val_accuracy" in row else "",
                  f", test accuracy {row['test_accuracy']:.4f}" if "test_accuracy" in row else "",
                  row["images_per_second"])
+        if stop.requested and epoch + 1 < t.epochs:
+            raise stop.preempted(f"checkpoint after epoch {epoch + 1} of {t.epochs} in {out / 'checkpoint.pt'}")
     return head, history
 
 
 def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.ndarray, fit_rows: np.ndarray,
-          val: Validation, graph, mean, std, *, resume: bool, bar) -> tuple[Head, list[dict], Search]:
+          val: Validation, graph, mean, std, *, resume: bool, bar, stop: StopRequest) -> tuple[Head, list[dict], Search]:
     """``train.auto``: the search (or its checkpoint), then the chosen configuration refitted on all rows."""
     found = _read_search(out / "checkpoint.pt", prep.device, cfg, prep, mean, std) if resume else None
     if found is None:
@@ -367,10 +372,11 @@ def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.nd
         task = bar.add_task("train-head: choosing on validation", total=None)
         if mean is None:
             mean, std = torch.zeros(prep.train.feature_dim), torch.ones(prep.train.feature_dim)
-        found = search(cfg, prep.train_x, given, fit_rows, (val.x, val.given), num_classes=prep.train.num_classes,
-                       val_rows=val.rows, mean=mean.to(prep.device), std=std.to(prep.device),
-                       new_head=lambda c: _new_head(c, prep, mean, std),
-                       cleaner_sampler=lambda c: _sampler(c, given, fit_rows, graph), val_clean=val.clean)
+        with stop.at_once("the search on validation is redone on resume (it has no checkpoint of its own)"):
+            found = search(cfg, prep.train_x, given, fit_rows, (val.x, val.given),
+                           num_classes=prep.train.num_classes, val_rows=val.rows, mean=mean.to(prep.device),
+                           std=std.to(prep.device), new_head=lambda c: _new_head(c, prep, mean, std),
+                           cleaner_sampler=lambda c: _sampler(c, given, fit_rows, graph), val_clean=val.clean)
         bar.update(task, total=1, completed=1)
         save_atomic({"config": config_text, "search": _search_state(found)}, out / "checkpoint.pt")
     choice = found.choice
@@ -380,6 +386,14 @@ def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.nd
     if not cfg.train.refit or val.rows is None:  # a val.h5 store is not training data: nothing to refit on
         history = [{"epoch": e + 1, "val_accuracy": a} for e, a in enumerate(choice.val_curve[:choice.best_epoch])]
         return found.head, history, found
+    with stop.at_once(f"the search is saved in {out / 'checkpoint.pt'}, the refit is redone on resume"):
+        return _refit(cfg, prep, found, fit_rows, val, graph, mean, std)
+
+
+def _refit(cfg: Config, prep: Prepared, found: Search, fit_rows: np.ndarray, val: Validation, graph, mean,
+           std) -> tuple[Head, list[dict], Search]:
+    """The search's choice trained again on the fit and validation rows, for as many epochs as it chose."""
+    choice = found.choice
     point = replace(replace(cfg, "cleaner", subset_size=choice.subset_size), "train",
                     weight_decay=choice.weight_decay)
     everything = np.union1d(fit_rows, val.rows).astype(np.int64)  # every row but those a label file drops
@@ -429,6 +443,7 @@ def _resume(path: Path, device: torch.device, head: Head, optimizer, scheduler) 
 
 def run(cfg: Config, *, features: str | Path, out: str | Path, resume: bool = False, overwrite: bool = False,
         progress: bool = False) -> dict:
-    """``mcpipe train-head``: load the stores, train, write the run folder."""
+    """``mcpipe train-head``: load the stores, train, write the run folder; SIGTERM/SIGUSR1 stop it resumably."""
     prep = prepare(cfg, features)
-    return train_head(cfg, prep, out, resume=resume, overwrite=overwrite, progress=progress)
+    with stop_on_signals() as stop:
+        return train_head(cfg, prep, out, resume=resume, overwrite=overwrite, progress=progress, stop=stop)

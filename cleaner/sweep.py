@@ -7,7 +7,9 @@ first (each point's accuracy on its validation split against the given
 labels: nothing is chosen on the test split); the first row is the point the
 sweep chooses (``chosen`` = ``*``), test accuracy is shown beside it.
 Points already finished (their ``metrics.json`` exists with the same
-config) are read back instead of retrained, so an interrupted sweep resumes.
+config) are read back instead of retrained, and a point stopped midway with
+its checkpoint (SIGTERM/SIGUSR1, see ``mcpipe.stopping``) is resumed, so an
+interrupted sweep continues where it was when run again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from mcpipe.cleaner.run import RUN_SECTIONS, prepare, run_config_text, train_head
 from mcpipe.config import Config, with_overrides
 from mcpipe.errors import ConfigError
+from mcpipe.stopping import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +51,40 @@ def run(cfg: Config, *, features: str | Path, out: str | Path, progress: bool = 
     (out / "config.toml").write_text(run_config_text(cfg, prep.train, ("store", *RUN_SECTIONS, "sweep")),
                                      encoding="utf-8")
     rows = []
-    for i, point in enumerate(points):
-        point_cfg = with_overrides(cfg, point)
-        run_dir = out / _slug(i, point)
-        metrics = _finished(run_dir, run_config_text(point_cfg, prep.train))
-        if metrics is None:
-            log.info("sweep %d/%d: %s", i + 1, len(points), point)
-            metrics = train_head(point_cfg, prep, run_dir, overwrite=True, progress=progress)
-        rows.append({**point, "val_accuracy": metrics.get("val_accuracy"), "test_accuracy": metrics.get("test_accuracy"),
-                     "noise_detection_auroc": metrics.get("noise_detection_auroc"),
-                     "seconds": metrics["seconds"], "run": run_dir.name})
+    with stop_on_signals("run the same sweep command again to continue (a point stopped midway resumes)") as stop:
+        for i, point in enumerate(points):
+            point_cfg = with_overrides(cfg, point)
+            run_dir = out / _slug(i, point)
+            config_text = run_config_text(point_cfg, prep.train)
+            metrics = _finished(run_dir, config_text)
+            if metrics is None:
+                resume = _started(run_dir, config_text)
+                log.info("sweep %d/%d: %s%s", i + 1, len(points), point, " (resumed)" if resume else "")
+                metrics = train_head(point_cfg, prep, run_dir, resume=resume, overwrite=not resume,
+                                     progress=progress, stop=stop)
+            rows.append(_row(point, metrics, run_dir))
+            if stop.requested and i + 1 < len(points):  # this point finished: stop before the next
+                raise stop.preempted(f"{i + 1} of {len(points)} points finished in {out}")
     rows.sort(key=lambda r: -(r["val_accuracy"] if r["val_accuracy"] is not None else -1))  # stable: grid order on ties
     for i, r in enumerate(rows):
         r["chosen"] = "*" if i == 0 and r["val_accuracy"] is not None else ""
     _write(out, rows, [k for k, _ in cfg.sweep.grid])
     return rows
+
+
+def _row(point: dict, metrics: dict, run_dir: Path) -> dict:
+    return {**point, "val_accuracy": metrics.get("val_accuracy"), "test_accuracy": metrics.get("test_accuracy"),
+            "noise_detection_auroc": metrics.get("noise_detection_auroc"), "seconds": metrics["seconds"],
+            "run": run_dir.name}
+
+
+def _started(run_dir: Path, config_text: str) -> bool:
+    """Whether ``run_dir`` holds a checkpoint of this point's config (a point stopped midway)."""
+    try:
+        return (run_dir / "checkpoint.pt").is_file() and \
+            (run_dir / "config.toml").read_text(encoding="utf-8") == config_text
+    except OSError:
+        return False
 
 
 def _finished(run_dir: Path, config_text: str) -> dict | None:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from mcpipe.errors import MCPipeError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL ("try again later"): a requeued job resumes
+RESUME_HINT = "run the same command with --resume (or --resume auto) to continue"
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
@@ -32,23 +33,38 @@ class Preempted(MCPipeError):
 
 @dataclass
 class StopRequest:
-    """Set by the first signal; ``signal_name`` says which."""
+    """Set by the first signal; ``signal_name`` says which; ``resume_hint``: how this command is resumed."""
 
     requested: bool = False
     signal_name: str = ""
+    resume_hint: str = RESUME_HINT
+    _at_once: tuple[str, str | None] | None = field(default=None, repr=False)
 
-    def preempted(self, what: str, resume: str) -> Preempted:
-        """The exception to raise once the checkpoint is written: ``what`` was saved, ``resume`` is the command."""
-        return Preempted(f"stopped on {self.signal_name or 'request'}: {what}; {resume}")
+    def preempted(self, what: str, resume: str | None = None) -> Preempted:
+        """The exception to raise once the checkpoint is written: ``what`` was saved, ``resume`` (default
+        ``resume_hint``) says how to continue."""
+        return Preempted(f"stopped on {self.signal_name or 'request'}: {what}; {resume or self.resume_hint}")
+
+    @contextmanager
+    def at_once(self, what: str, resume: str | None = None) -> Iterator[None]:
+        """Within the block a signal stops at once, raising ``preempted(what, resume)`` where the code is: for
+        work with no checkpoint of its own (it is redone on resume), so waiting for its end would only cost."""
+        if self.requested:
+            raise self.preempted(what, resume)
+        self._at_once = (what, resume)
+        try:
+            yield
+        finally:
+            self._at_once = None
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
+def stop_on_signals(resume_hint: str = RESUME_HINT) -> Iterator[StopRequest]:
     """Within the block the first SIGTERM/SIGUSR1 sets ``requested``; a second raises ``KeyboardInterrupt``.
 
     Outside the main thread (signal handlers can only be set there) the block only yields a request that
     nothing sets."""
-    stop = StopRequest()
+    stop = StopRequest(resume_hint=resume_hint)
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -57,6 +73,8 @@ def stop_on_signals() -> Iterator[StopRequest]:
         if stop.requested:
             raise KeyboardInterrupt
         stop.requested, stop.signal_name = True, signal.Signals(signum).name
+        if stop._at_once is not None:
+            raise stop.preempted(*stop._at_once)
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:

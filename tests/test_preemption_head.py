@@ -1,0 +1,142 @@
+"""train-head and sweep under SIGTERM, SIGUSR1 and kill -9: they stop resumably (exit 75, one line), --resume auto
+(or the same sweep command) continues, and the result equals an uninterrupted run's."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mcpipe.stopping import EXIT_PREEMPTED
+from mcpipe.store.synthetic import write_synthetic_store
+
+MCPIPE = [sys.executable, "-m", "mcpipe"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+FIXED = ["--set", "train.auto=false", "--set", "train.epochs=12", "--set", "cleaner.subset_size=2",
+         "--no-progress", "--log-level", "warning"]
+SEED = 1402  # the kill times below come from this seed: a failure names it and replays
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([*MCPIPE, *map(str, args)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([*MCPIPE, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def same_run(a: Path, b: Path) -> None:
+    """Two head runs hold the same model, scores and metrics (timings aside)."""
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
+    timeless = lambda m: json.loads(json.dumps(m), object_hook=lambda d: {  # noqa: E731
+        k: v for k, v in d.items() if k not in ("seconds", "images_per_second", "features")})
+    assert timeless(ma) == timeless(mb)
+    ha, hb = (torch.load(r / "head.pt", weights_only=True)["state_dict"] for r in (a, b))
+    assert ha.keys() == hb.keys() and all(torch.equal(ha[k], hb[k]) for k in ha)
+    assert (a / "scores.csv").read_bytes() == (b / "scores.csv").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    """Features large enough that an epoch lasts long enough for two signals to land in it."""
+    d = tmp_path_factory.mktemp("big")
+    write_synthetic_store(d / "train.h5", 20000, 64, 10, seed=3, spread=1.0, split="train")
+    write_synthetic_store(d / "test.h5", 500, 64, 10, seed=3, spread=1.0, split="test")
+    return d
+
+
+@pytest.mark.slow
+def test_sigterm_stops_after_the_epoch_and_resume_auto_finishes_the_same_run(feats, tmp_path):
+    ref = run("train-head", "--features", feats, "--out", tmp_path / "ref", *FIXED)
+    assert ref.returncode == 0, ref.stderr
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        out = tmp_path / sig.name
+        proc = start("train-head", "--features", feats, "--out", out, *FIXED)
+        wait_for(out / "checkpoint.pt", proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == EXIT_PREEMPTED, err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"stopped on {sig.name}: checkpoint after epoch ") and "of 12 in" in line, err
+        assert "--resume auto" in line and "Traceback" not in err
+        done = run("train-head", "--features", feats, "--out", out, "--resume", "auto", *FIXED)
+        assert done.returncode == 0, done.stderr
+        same_run(out, tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_search_redoes_it_and_kill_9_anywhere_resumes(feats, tmp_path):
+    auto = ["--no-progress", "--log-level", "warning"]
+    assert run("train-head", "--features", feats, "--out", tmp_path / "ref", *auto).returncode == 0
+    out = tmp_path / "search"
+    proc = start("train-head", "--features", feats, "--out", out, *auto)
+    wait_for(out / "checkpoint.pt", proc)  # written before the search starts
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED and "the search on validation is redone on resume" in err, err
+    assert run("train-head", "--features", feats, "--out", out, "--resume", "auto", *auto).returncode == 0
+    same_run(out, tmp_path / "ref")
+
+    rng = np.random.default_rng(SEED)
+    for trial, delay in enumerate(rng.uniform(0.5, 6.0, size=3)):
+        out = tmp_path / f"kill{trial}"
+        proc = start("train-head", "--features", feats, "--out", out, *auto)
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate()
+        done = run("train-head", "--features", feats, "--out", out, "--resume", "auto", *auto)
+        assert done.returncode == 0, (SEED, trial, delay, done.stderr)
+        same_run(out, tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once(big, tmp_path):
+    out = tmp_path / "run"
+    proc = start("train-head", "--features", big, "--out", out, *FIXED, "--set", "train.batch_size=64")
+    wait_for(out / "config.toml", proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, EXIT_PREEMPTED), err  # 75 only if the epoch ended between the two
+    if proc.returncode == 130:
+        assert "interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sweep_stops_resumably_and_continues_to_the_same_results(feats, tmp_path):
+    grid = ["--set", "sweep.cleaner.subset_size=[2, 1]"]
+    assert run("sweep", "--features", feats, "--out", tmp_path / "ref", *FIXED, *grid).returncode == 0
+    out = tmp_path / "sweep"
+    proc = start("sweep", "--features", feats, "--out", out, *FIXED, *grid)
+    wait_for(out / "000-subset_size=2" / "checkpoint.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED and "run the same sweep command again" in err, err
+    assert not (out / "results.csv").exists()
+    done = run("sweep", "--features", feats, "--out", out, *FIXED, *grid)
+    assert done.returncode == 0, done.stderr
+    rows = lambda d: [{k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+                      for r in csv.DictReader((d / "results.csv").read_text().splitlines())]
+    assert rows(out) == rows(tmp_path / "ref")
+    for name in ("000-subset_size=2", "001-subset_size=1"):
+        same_run(out / name, tmp_path / "ref" / name)
