@@ -7,6 +7,7 @@ and the main loop decides (skip and record, or ``--strict``: stop).
 
 from __future__ import annotations
 
+import signal
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -14,7 +15,16 @@ from torch.utils.data import Dataset, Sampler
 
 from mcpipe.extract.images import ImageSkip
 from mcpipe.extract.sources.base import SplitIndex
+from mcpipe.stopping import SIGNALS
 from mcpipe.store.schema import SKIP_REASONS
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: SIGTERM and SIGUSR1 are the main process's to act on. Slurm signals the
+    whole process group; a worker that died of it would end the run before its block in flight is written (the
+    main process ends its workers when it stops)."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class IndexImages(Dataset):

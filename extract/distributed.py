@@ -4,6 +4,11 @@ Under ``torchrun --nproc_per_node=G -m mcpipe extract ...`` every rank takes a
 contiguous range of the split's blocks and writes it, resumably, into its own
 shard store; after a barrier rank 0 copies the shards into ``<split>.h5`` and
 removes them. Block boundaries are those of a single-process run.
+
+Ranks use no collective while they extract, so each stops on its own after its
+block in flight (torchrun passes SIGTERM to every rank); they agree whether to
+stop with :func:`sum_over_ranks` where they all meet (before a split, after
+their shards), so no rank waits for one that has left.
 """
 
 from __future__ import annotations
@@ -60,6 +65,15 @@ def init(info: DistInfo, device: torch.device) -> None:
 def barrier(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.barrier()
+
+
+def sum_over_ranks(info: DistInfo, values: list[int], device: torch.device) -> list[int]:
+    """``values`` summed over every rank (a barrier too); ``values`` itself in a single process."""
+    if not (info.enabled and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
 
 
 def shutdown(info: DistInfo) -> None:

@@ -4,6 +4,10 @@ The main thread only feeds the device. Each batch's features go, as a device
 tensor (copied to pinned memory without blocking on CUDA), to a writer thread
 that waits for them, zeroes skipped rows and writes the block. Loading runs
 ahead in DataLoader workers, so decode, compute and write overlap.
+
+A stop request (SIGTERM, SIGUSR1: ``mcpipe.stopping``) is looked at after each
+batch: the loop ends there, the blocks already handed to the writer thread are
+written, and the caller's ``StoreWriter.close`` commits them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mcpipe.errors import DataError
+from mcpipe.stopping import StopRequest
 from mcpipe.store.schema import SKIP_REASONS
 from mcpipe.store.writer import StoreWriter
 
@@ -33,6 +38,7 @@ _MAX_SKIP_WARNINGS = 20  # one line per bad image up to here; a web crawl can ha
 class BlockStats:
     images: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    stopped: bool = False  # ended early on a stop request, blocks left to do
 
 
 class _WriterThread:
@@ -42,26 +48,31 @@ class _WriterThread:
         self.writer = writer
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.abandoned = False  # set by close() when it is interrupted: write no further block
+        self.finished = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mcpipe-store-writer", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue  # drain after a failure
-            block, feats, event, codes = item
-            try:
-                if event is not None:
-                    event.synchronize()
-                arr = feats.numpy()
-                if codes.any():
-                    arr[codes > 0] = 0
-                self.writer.write_block(block, arr, codes)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                self.error = exc
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None or self.abandoned:
+                    return
+                if self.error is not None:
+                    continue  # drain after a failure
+                block, feats, event, codes = item
+                try:
+                    if event is not None:
+                        event.synchronize()
+                    arr = feats.numpy()
+                    if codes.any():
+                        arr[codes > 0] = 0
+                    self.writer.write_block(block, arr, codes)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    self.error = exc
+        finally:
+            self.finished.set()
 
     def put(self, item: tuple) -> None:
         self.check()
@@ -72,8 +83,20 @@ class _WriterThread:
             raise self.error
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        """Write the queued blocks and end the thread. Interrupted (a second signal, Ctrl-C), it writes no further
+        block but waits for the one being written: the store is never closed under a write. (It waits on an
+        Event: in Python 3.11 a ``Thread.join`` interrupted by KeyboardInterrupt marks the thread as ended while it
+        still runs, and a second join returns at once.)"""
+        try:
+            self.queue.put(None)
+            self.finished.wait()
+        except BaseException:
+            self.abandoned = True
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(None)  # wakes the thread if it waits for an item
+            self.finished.wait()
+            raise
+        self.thread.join()  # it has ended: at once
         self.check()
 
 
@@ -87,12 +110,14 @@ def extract_blocks(
     ids: list[str],
     strict: bool,
     on_batch: Callable[[int], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> BlockStats:
     """Run ``model`` over the ``loader`` (one batch per entry of ``blocks``) into ``writer``.
 
     Returns how many images were processed and skipped (by reason). With
     ``strict``, the first unreadable image raises ``DataError`` (after the
-    blocks before it are safely written).
+    blocks before it are safely written). Once ``stop.requested``, no further
+    batch is started: ``stopped`` says whether blocks were left to do.
     """
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -131,6 +156,9 @@ def extract_blocks(
                 stats.images += len(codes)
                 if on_batch is not None:
                     on_batch(len(codes))
+                if stop is not None and stop.requested and block != blocks[-1]:
+                    stats.stopped = True
+                    break
     finally:
         bg.close()
     return stats

@@ -3,6 +3,11 @@
 For each split: build the index, open (or resume) its store, extract the
 blocks still missing, close. Under torchrun, ranks write shards that rank 0
 joins (see ``distributed.py``).
+
+SIGTERM or SIGUSR1 (``mcpipe.stopping``) stops the run after the block in
+flight: the store is committed and closed as at the end of a run, and
+:class:`~mcpipe.stopping.Preempted` says how many rows are kept; the same
+command resumes. Under torchrun every rank stops so (see ``distributed.py``).
 """
 
 from __future__ import annotations
@@ -26,17 +31,21 @@ from mcpipe.devices import resolve_device
 from mcpipe.errors import DataError, write_error
 from mcpipe.extract import distributed
 from mcpipe.extract.backbones import Backbone, build_backbone, optimize_for_inference
-from mcpipe.extract.data import BlockSampler, IndexImages
+from mcpipe.extract.data import BlockSampler, IndexImages, ignore_stop_signals
 from mcpipe.extract.distributed import DistInfo
-from mcpipe.extract.engine import extract_blocks
+from mcpipe.extract.engine import BlockStats, extract_blocks
 from mcpipe.extract.preprocess import Preprocess, eval_transform, preprocess_for
 from mcpipe.extract.sources.base import SplitIndex
 from mcpipe.extract.sources.registry import available_splits, load_index
 from mcpipe.progress import progress_bar
+from mcpipe.stopping import StopRequest, stop_on_signals
 from mcpipe.store.schema import SCHEMA_VERSION
 from mcpipe.store.writer import StoreSpec, StoreWriter
 
 log = logging.getLogger(__name__)
+
+_RESUME = "run the same command again to resume"
+_RESUME_OVERWRITTEN = "run the same command without --overwrite to resume (with it, the stores start over)"
 
 
 @dataclass
@@ -114,34 +123,36 @@ def _existing_block_rows(path: Path) -> int | None:
 class _Extractor:
     """Runs one split's blocks through the model into a store."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, pre: Preprocess, device: torch.device, bar):
+    def __init__(self, cfg: Config, model: torch.nn.Module, pre: Preprocess, device: torch.device, bar,
+                 stop: StopRequest):
         self.cfg = cfg
         self.model = model
         self.pre = pre
         self.device = device
         self.bar = bar
+        self.stop = stop
         workers = cfg.extract.num_workers
         self.workers = default_workers(device) if workers < 0 else workers
 
-    def fill(self, writer: StoreWriter, index: SplitIndex, *, label: str) -> tuple[int, dict, float]:
-        """Extract the pending blocks of ``writer``, whose rows are those of ``index``."""
+    def fill(self, writer: StoreWriter, index: SplitIndex, *, label: str) -> tuple[BlockStats, float]:
+        """Extract the pending blocks of ``writer``, whose rows are those of ``index`` (until a stop request)."""
         blocks = writer.pending_blocks()
         if not blocks:
-            return 0, {}, 0.0
+            return BlockStats(), 0.0
         sampler = BlockSampler(blocks, block_rows=writer.block_rows, num_rows=writer.spec.num_rows)
         dataset = IndexImages(index, eval_transform(self.pre), image_size=self.pre.image_size,
                               min_size=self.pre.resize)
         cuda = self.device.type == "cuda"
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.workers, pin_memory=cuda,
-                            prefetch_factor=4 if self.workers > 0 else None)
+                            prefetch_factor=4 if self.workers > 0 else None, worker_init_fn=ignore_stop_signals)
         todo = sum(len(sampler.rows(b)) for b in blocks)
         task = self.bar.add_task(label, total=todo)
         writer.on_commit = lambda done: log.debug("%s: committed blocks %s", label, done)
         start = time.perf_counter()
         stats = extract_blocks(self.model, loader, blocks, writer, device=self.device,
                                ids=index.ids, strict=self.cfg.extract.strict,
-                               on_batch=lambda n: self.bar.advance(task, n))
-        return stats.images, stats.skipped, time.perf_counter() - start
+                               on_batch=lambda n: self.bar.advance(task, n), stop=self.stop)
+        return stats, time.perf_counter() - start
 
 
 def _already_complete(path: Path, spec: StoreSpec) -> bool:
@@ -156,9 +167,41 @@ def _already_complete(path: Path, spec: StoreSpec) -> bool:
         return False
 
 
+def _rows_written(path: Path) -> int:
+    """Rows of the store at ``path`` flagged as written (0 when there is none yet)."""
+    if not path.exists():
+        return 0
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["written"][:].sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def _stop_now(ex: _Extractor, info: DistInfo, rows_in: Path, store: Path, total: int, *, overwrite: bool) -> None:
+    """Raise Preempted if a stop was requested (of any rank: every rank must call this) and rows of ``store``
+    are left to write; the message counts those written (of ``rows_in``, this rank's shard or the store itself,
+    summed over ranks). With every row written, the store is finished (seconds) rather than left incomplete."""
+    if not info.enabled and not ex.stop.requested:
+        return
+    stop, rows = distributed.sum_over_ranks(info, [int(ex.stop.requested), _rows_written(rows_in)], ex.device)
+    if stop and rows < total:
+        if not ex.stop.requested:  # another rank's signal: this one stops with it
+            ex.stop.signal_name = ex.stop.signal_name or "another rank's signal"
+        raise ex.stop.preempted(f"{rows:,} of {total:,} rows of {store.name} written ({store})",
+                                _RESUME_OVERWRITTEN if overwrite else _RESUME)
+
+
+def _fill(ex: _Extractor, writer: StoreWriter, index: SplitIndex, result: SplitResult, *, label: str) -> None:
+    stats, result.seconds = ex.fill(writer, index, label=label)
+    result.extracted, result.skipped = stats.images, stats.skipped
+
+
 def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, info: DistInfo,
                   overwrite: bool) -> SplitResult:
-    """Extract one split into ``out/<split>.h5`` (through shards under torchrun)."""
+    """Extract one split into ``out/<split>.h5`` (through shards under torchrun).
+
+    Raises Preempted, the store committed and closed, when ``ex.stop`` is requested before the last block."""
     path = out / f"{index.split}.h5"
     block_rows = (None if overwrite else _existing_block_rows(path)) or ex.cfg.extract.batch_size
     spec = spec_for(index, block_rows)
@@ -167,10 +210,12 @@ def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, inf
         result.complete = result.already_done = True
         return result
     if not info.enabled:
+        _stop_now(ex, info, path, path, len(index), overwrite=overwrite)
         with StoreWriter.open(path, spec, overwrite=overwrite, sync_seconds=ex.cfg.store.sync_seconds) as writer:
             if block_rows != ex.cfg.extract.batch_size:
                 log.info("resuming %s in its own blocks of %d rows", path, block_rows)
-            result.extracted, result.skipped, result.seconds = ex.fill(writer, index, label=index.split)
+            _fill(ex, writer, index, result, label=index.split)
+        _stop_now(ex, info, path, path, len(index), overwrite=overwrite)
         result.complete = bool(_already_complete(path, spec))
         return result
 
@@ -180,11 +225,11 @@ def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, inf
     lo, hi = first * block_rows, min(stop * block_rows, len(index))
     shard_index = index.take(np.arange(lo, hi))
     shard = distributed.shard_path(out, index.split, info)
+    _stop_now(ex, info, shard, path, len(index), overwrite=overwrite)  # every rank goes on, or every rank stops
     with StoreWriter.open(shard, spec_for(shard_index, block_rows), overwrite=overwrite,
                           sync_seconds=ex.cfg.store.sync_seconds) as writer:
-        result.extracted, result.skipped, result.seconds = ex.fill(
-            writer, shard_index, label=f"{index.split} [rank {info.rank}]")
-    distributed.barrier(info)
+        _fill(ex, writer, shard_index, result, label=f"{index.split} [rank {info.rank}]")
+    _stop_now(ex, info, shard, path, len(index), overwrite=overwrite)  # (a barrier too) before rank 0 joins
     if info.is_main:
         shards = [(distributed.shard_path(out, index.split, DistInfo(r, info.world_size)), ranges[r][0])
                   for r in range(info.world_size)]
@@ -199,8 +244,15 @@ def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, inf
 
 
 def run(cfg: Config, *, out: Path | None = None, overwrite: bool = False, progress: bool = True) -> list[SplitResult]:
-    """Extract every configured split of ``cfg.data`` into stores under ``out``."""
-    out = Path(out if out is not None else cfg.store.dir)
+    """Extract every configured split of ``cfg.data`` into stores under ``out``.
+
+    Raises Preempted on SIGTERM or SIGUSR1, after the block in flight (see the module docstring)."""
+    with stop_on_signals() as stop:
+        return _run(cfg, out=Path(out if out is not None else cfg.store.dir), overwrite=overwrite,
+                    progress=progress, stop=stop)
+
+
+def _run(cfg: Config, *, out: Path, overwrite: bool, progress: bool, stop: StopRequest) -> list[SplitResult]:
     info = DistInfo.from_env()
     device = resolve_device(cfg.extract.device, key="extract.device", local_rank=info.local_rank)
     distributed.init(info, device)
@@ -217,7 +269,7 @@ def run(cfg: Config, *, out: Path | None = None, overwrite: bool = False, progre
             raise DataError(f"cannot use {out} as the output folder: {exc.strerror or exc}") from None
         results = []
         with progress_bar(progress and info.is_main) as bar:
-            ex = _Extractor(cfg, model, pre, device, bar)
+            ex = _Extractor(cfg, model, pre, device, bar, stop)
 
             def spec_for(index: SplitIndex, block_rows: int) -> StoreSpec:
                 return store_spec(cfg, index, backbone, pre, precision=precision, device=device,

@@ -1,7 +1,9 @@
 """Run folders shared by train-head and finetune: refuse to clobber, resume only the same config, write atomically.
 
 One process writes a run folder at a time: ``start_run_dir`` returns the lock on
-``RUN/.lock`` (see ``mcpipe.locks``), to hold while writing. Writes that fail (a
+``RUN/.lock`` (see ``mcpipe.locks``), to hold while writing: ``with
+start_run_dir(...):`` releases it however the run ends (an error, a signal,
+Ctrl-C); forked children (DataLoader workers) never hold it. Writes that fail (a
 full disk, a read-only folder) are one-line DataErrors naming the file.
 """
 
@@ -66,7 +68,7 @@ def start_run_dir(out: Path, config_text: str, files: tuple[str, ...], *, resume
                   overwrite: bool) -> OutputLock:
     """Lock ``out`` and ``check_run_dir``, then (unless resuming) clear ``files`` and write ``config.toml``.
 
-    Returns the lock: hold it while writing the run (``release()`` at the end; it goes with the process)."""
+    Returns the lock, to hold while writing the run: ``with start_run_dir(...):`` (it goes with the process too)."""
     check_run_dir(out, config_text, files, resume=resume, overwrite=overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)

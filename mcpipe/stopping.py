@@ -5,7 +5,8 @@ A long loop runs inside ``with stop_on_signals() as stop:`` and looks at
 and sweep at an epoch boundary, extract after the block in flight); there it
 writes its checkpoint and raises :class:`Preempted`, which the command line
 turns into one line saying how to resume and the exit status
-:data:`EXIT_PREEMPTED`. A second signal does not wait: it raises
+:data:`EXIT_PREEMPTED`. A second signal (a second or more after the first:
+a closer one is the same request delivered twice) does not wait: it raises
 ``KeyboardInterrupt`` at once, like Ctrl-C (the last checkpoint still stands).
 Outside such a block the signals keep their default action (the process ends).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -22,6 +24,9 @@ from mcpipe.errors import MCPipeError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL ("try again later"): a requeued job resumes
 RESUME_HINT = "run the same command with --resume (or --resume auto) to continue"
+# A repeat within this many seconds is the same request: under Slurm a torchrun rank gets the step's SIGTERM
+# and torchrun's forwarded copy milliseconds apart.
+SAME_SIGNAL_SECONDS = 1.0
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
@@ -38,6 +43,7 @@ class StopRequest:
     requested: bool = False
     signal_name: str = ""
     resume_hint: str = RESUME_HINT
+    at: float = 0.0  # time.monotonic() of the first signal
     _at_once: tuple[str, str | None] | None = field(default=None, repr=False)
 
     def preempted(self, what: str, resume: str | None = None) -> Preempted:
@@ -71,8 +77,10 @@ def stop_on_signals(resume_hint: str = RESUME_HINT) -> Iterator[StopRequest]:
 
     def handler(signum: int, frame: object) -> None:
         if stop.requested:
+            if time.monotonic() - stop.at < SAME_SIGNAL_SECONDS:
+                return  # the same request delivered twice (Slurm and torchrun)
             raise KeyboardInterrupt
-        stop.requested, stop.signal_name = True, signal.Signals(signum).name
+        stop.requested, stop.signal_name, stop.at = True, signal.Signals(signum).name, time.monotonic()
         if stop._at_once is not None:
             raise stop.preempted(*stop._at_once)
 

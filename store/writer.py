@@ -23,7 +23,10 @@ How it survives Ctrl-C, ``kill -9`` and power loss:
   caused it and leaves HDF5 nothing it cannot write.
 * An ``flock`` on ``.<store>.lock`` beside the store (``mcpipe.locks``), held
   from ``open`` to ``close``, keeps a second process from writing the same
-  store; HDF5's file lock keeps readers out meanwhile.
+  store; HDF5's file lock keeps readers out meanwhile. Neither the lock nor the
+  open store passes to a forked child (a DataLoader worker): see
+  ``mcpipe.locks.detach_in_children``, so a run restarted at once after a
+  ``kill -9`` is not refused by workers the killed one left behind.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ import h5py
 import numpy as np
 
 from mcpipe.errors import DataError, write_error
-from mcpipe.locks import OutputLock, acquire
+from mcpipe.faults import pause_at
+from mcpipe.locks import OutputLock, acquire, detach_in_children, keep_in_children
 from mcpipe.store.reader import is_lock_error
 from mcpipe.store.schema import FEATURE_DTYPES, SCHEMA_VERSION
 
@@ -215,6 +219,11 @@ class StoreWriter:
         self.sync_seconds = sync_seconds
         self._lock = lock  # released by close()
         self._f = _open_h5(path, "r+")  # unbuffered: a failed write fails in write_block or commit
+        try:  # forked workers must not keep the store open (nor HDF5's lock on it)
+            self._fd: int | None = int(self._f.id.get_vfd_handle())
+            detach_in_children(self._fd)
+        except (OSError, TypeError, ValueError):  # non-POSIX driver: nothing to detach
+            self._fd = None
         self._features = self._f["features"]
         self._written = self._f["written"]
         self._skipped = self._f["skipped"]
@@ -269,6 +278,7 @@ class StoreWriter:
         assert skipped.shape == (stop - start,)
         try:
             self._features[start:stop] = features.astype(self.spec.dtype, copy=False)
+            pause_at("block_write")
             self._skipped[start:stop] = skipped
             self._f.flush()
         except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for some failed writes
@@ -309,10 +319,14 @@ class StoreWriter:
             try:
                 self.commit()
                 complete = bool(self._written[:].all())
+                if complete:
+                    pause_at("store_complete")
                 if bool(self._f.attrs.get("complete")) != complete:  # no metadata write unless it changes
                     self._f.attrs["complete"] = complete
                 self._fsync()
             finally:
+                if self._fd is not None:
+                    keep_in_children(self._fd)
                 self._f.close()
             return complete
         except (OSError, RuntimeError) as exc:
