@@ -30,7 +30,6 @@ is: the report says which images it could not read.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -47,6 +46,7 @@ import mcpipe
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.extract.sources.base import SplitIndex
 from mcpipe.hashing import sha256_file
+from mcpipe.labels import read_table
 from mcpipe.store.schema import FEATURE_DTYPES, SCHEMA_VERSION
 from mcpipe.store.writer import StoreSpec, StoreWriter
 
@@ -124,48 +124,18 @@ def _check_arrays(paths: list[Path], arrays: list[np.ndarray], dtype: str) -> No
                                 f"{start + int(np.flatnonzero(big)[0])}); use --dtype float32")
 
 
-def _delimiter(path: Path, header: str) -> str:
-    if path.suffix.lower() in (".tsv", ".tab"):
-        return "\t"
-    if path.suffix.lower() == ".csv":
-        return ","
-    return "\t" if "\t" in header and "," not in header else ","
-
-
 def read_labels_table(path: Path) -> _Table:
-    """Rows of a CSV/TSV with columns id, label [, clean_label, path]."""
-    if not path.is_file():
-        raise DataError(f"labels file {path} does not exist")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = f.readline()
-            f.seek(0)
-            reader = csv.DictReader(f, delimiter=_delimiter(path, header))
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in ("id", "label") if c not in columns]
-            if missing:
-                raise DataError(f"labels file {path} lacks column(s) {', '.join(missing)}: its header is "
-                                f"{columns or '(empty)'}; expected id, label [, clean_label, path]")
-            reader.fieldnames = columns
-            ids, labels, clean, paths = [], [], [], []
-            for line, row in enumerate(reader, start=2):
-                if None in row or any(row.get(c) is None for c in columns):
-                    raise DataError(f"labels file {path} line {line} has {len(row) - (None in row)} fields "
-                                    f"but the header has {len(columns)}")
-                i, lab = row["id"].strip(), row["label"].strip()
-                if not i:
-                    raise DataError(f"labels file {path} line {line} has an empty id")
-                if not lab:
-                    raise DataError(f"labels file {path} line {line} (id {i!r}) has an empty label")
-                ids.append(i)
-                labels.append(lab)
-                clean.append((row.get("clean_label") or "").strip())
-                paths.append((row.get("path") or "").strip())
-    except UnicodeDecodeError as exc:
-        raise DataError(f"labels file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except csv.Error as exc:
-        raise DataError(f"labels file {path} is not a valid CSV/TSV: {exc}") from None
-    return _Table(ids, labels, clean, str(path), paths if any(paths) else None)
+    """Rows of a CSV/TSV with columns id, label [, clean_label, path] (:func:`mcpipe.labels.read_table`)."""
+    text = read_table(path, ("id", "label"), optional=("clean_label", "path"), what="labels file",
+                      expected="id, label [, clean_label, path]")
+    ids, labels = text.values("id"), text.values("label")
+    for line, i, lab in zip(text.lines, ids, labels):
+        if not i:
+            raise DataError(f"labels file {path} line {line} has an empty id")
+        if not lab:
+            raise DataError(f"labels file {path} line {line} (id {i!r}) has an empty label")
+    paths = text.values("path")
+    return _Table(ids, labels, text.values("clean_label"), str(path), paths if any(paths) else None)
 
 
 def _read_parquet(path: Path, columns: list[str]) -> dict[str, list]:

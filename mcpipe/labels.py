@@ -39,8 +39,74 @@ CLEAN_COLUMNS = ("id", "given_label", "suggested_label", "label_score", "is_labe
 DROP_MARKER = "given_label"  # a file with this column may leave `label` empty to drop the row
 
 
-def delimiter(path: Path) -> str:
-    return "\t" if path.suffix.lower() == ".tsv" else ","
+def delimiter(path: Path, header: str = "") -> str:
+    """Tab for ``.tsv``/``.tab``, comma for ``.csv``; otherwise tab when the header line has tabs and no comma."""
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".tab"):
+        return "\t"
+    if suffix == ".csv":
+        return ","
+    return "\t" if "\t" in header and "," not in header else ","
+
+
+@dataclass(frozen=True)
+class Table:
+    """A CSV/TSV table as text, the one reader of every label table mcpipe takes (label files, manifests,
+    ``mcpipe import``'s labels): the header's columns, each non-blank data row's cells (stripped, at least as
+    many as the columns the caller needs) and its line number."""
+
+    path: Path
+    header: list[str]
+    rows: list[list[str]]
+    lines: list[int]
+
+    def column(self, name: str) -> int | None:
+        return self.header.index(name) if name in self.header else None
+
+    def values(self, name: str) -> list[str]:
+        """Column ``name`` of every row ("" for a row too short to have it, or a column the table lacks)."""
+        k = self.column(name)
+        return [row[k] if k is not None and k < len(row) else "" for row in self.rows]
+
+
+def read_table(path: str | Path, need: tuple[str | tuple[str, ...], ...], *, expected: str,
+               optional: tuple[str, ...] = (), what: str = "file") -> Table:
+    """Read a CSV/TSV whose header names the columns ``need`` (each a name or a tuple of alternatives);
+    every row must have a cell for those and for the ``optional`` columns the header has.
+
+    Raises ``DataError`` with one line: the file is missing (``"<what> <path> does not exist"``), not UTF-8
+    text or not a valid table, its header lacks a needed column (``expected`` says what a header holds), or a
+    row has fewer fields than the needed columns ask for (line number given). Blank lines are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = f.readline()
+            f.seek(0)
+            reader = csv.reader(f, delimiter=delimiter(path, first))
+            header = [h.strip() for h in next(reader, [])]
+            missing = [alts if isinstance(alts, str) else alts[0] for alts in need
+                       if not any(a in header for a in ((alts,) if isinstance(alts, str) else alts))]
+            if missing:
+                raise DataError(f"{path} line 1: header lacks the column(s) {', '.join(missing)}; expected "
+                                f"{expected}, found {header}")
+            named = [a for alts in need for a in ((alts,) if isinstance(alts, str) else alts)] + list(optional)
+            width = 1 + max(header.index(a) for a in named if a in header)
+            rows, lines = [], []
+            for row in reader:
+                if not "".join(row).strip():
+                    continue  # a blank line
+                if len(row) < width:
+                    raise DataError(f"{path} line {reader.line_num}: {len(row)} fields, expected at least "
+                                    f"{width} (header {header})")
+                rows.append([cell.strip() for cell in row])
+                lines.append(reader.line_num)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        kind = "TSV" if delimiter(path, "") == "\t" else "CSV"
+        raise DataError(f"{path} is not a readable UTF-8 {kind} table: {exc}") from None
+    return Table(path, header, rows, lines)
 
 
 @dataclass(frozen=True)
@@ -89,38 +155,20 @@ def read_label_file(path: str | Path, ids: list[str], classes: list[str], *, wha
     column, an id listed twice, ids not in ``ids``, ids of ``ids`` not listed, labels that are not in
     ``classes``, or an empty label in a file that may not drop rows.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"label file {path} does not exist")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            table = list(csv.reader(f, delimiter=delimiter(path)))
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path} is not a readable UTF-8 {'TSV' if delimiter(path) == chr(9) else 'CSV'} "
-                        f"table: {exc}") from None
-    header = [h.strip() for h in table[0]] if table else []
-    id_col = "id" if "id" in header else "path" if "path" in header else None
-    if id_col is None or "label" not in header:
-        need = ", ".join(c for c, ok in (("id", id_col), ("label", "label" in header)) if not ok)
-        raise DataError(f"{path} line 1: header lacks the column(s) {need}; expected id, label and optionally "
-                        f"clean_label, found {header}")
-    i_col, l_col = header.index(id_col), header.index("label")
-    c_col = header.index("clean_label") if "clean_label" in header else None
-    may_drop = DROP_MARKER in header
+    table = read_table(path, (("id", "path"), "label"), optional=("clean_label",), what="label file",
+                       expected="id, label and optionally clean_label")
+    path = table.path
+    i_col = table.column("id") if "id" in table.header else table.column("path")
+    l_col, c_col = table.column("label"), table.column("clean_label")
+    may_drop = DROP_MARKER in table.header
     lookup = {name: k for k, name in enumerate(classes)}
     row_of = {x: r for r, x in enumerate(ids)}
     labels = np.full(len(ids), UNKNOWN, dtype=np.int64)
     clean = np.full(len(ids), UNKNOWN, dtype=np.int64) if c_col is not None else None
     seen = np.zeros(len(ids), dtype=bool)
     problems: dict[str, list[str]] = {}
-    width = max(i_col, l_col, c_col or 0) + 1
-    for line, row in enumerate(table[1:], start=2):
-        if not "".join(row).strip():
-            continue
-        if len(row) < width:
-            problems.setdefault(f"fewer than {width} fields", []).append(f"line {line}")
-            continue
-        key, label = row[i_col].strip(), row[l_col].strip()
+    for line, row in zip(table.lines, table.rows):
+        key, label = row[i_col], row[l_col]
         r = row_of.get(key)
         if r is None:
             problems.setdefault(f"an id that is not in {what}", []).append(f"line {line}, {key!r}")
@@ -138,8 +186,8 @@ def read_label_file(path: str | Path, ids: list[str], classes: list[str], *, wha
         elif not may_drop:
             problems.setdefault("an empty label (only a file with a given_label column, as mcpipe clean "
                                 "writes, may leave label empty to drop the row)", []).append(f"line {line}")
-        if clean is not None and row[c_col].strip():
-            name = row[c_col].strip()
+        if clean is not None and row[c_col]:
+            name = row[c_col]
             if name not in lookup:
                 problems.setdefault(f"a clean_label that is not one of the {len(classes)} classes", []).append(
                     f"line {line}, {name!r}")

@@ -166,7 +166,7 @@ def test_refusals(case, tmp_path):
         expect = ("'a0'", "more than once")
     elif case == "columns":
         csv = _csv_with(tmp_path, "name,label", [f"a{i},cat" for i in range(10)])
-        expect = ("lacks column(s) id",)
+        expect = ("lacks the column(s) id",)
     elif case == "unknown":
         classes = tmp_path / "classes.txt"
         classes.write_text("cat\ndog\n")

@@ -32,7 +32,6 @@ An empty ``clean_label`` cell means unknown.
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from dataclasses import dataclass
@@ -44,12 +43,12 @@ from mcpipe.config import DataConfig
 from mcpipe.errors import DataError
 from mcpipe.extract.sources.base import UNKNOWN, SplitIndex
 from mcpipe.extract.sources.common import data_root, no_split, read_lines, safe_relpath
-from mcpipe.labels import DROP_MARKER
+from mcpipe.labels import DROP_MARKER, read_table as read_label_table
 
 log = logging.getLogger(__name__)
 
 NAME = "manifest"
-DELIMITERS = {".csv": ",", ".tsv": "\t"}
+SUFFIXES = (".csv", ".tsv")
 CLASSES_FILE = "classes.txt"
 _INTEGER = re.compile(r"[0-9]+")
 
@@ -69,7 +68,7 @@ def manifest_files(root: Path) -> dict[str, Path]:
     """split name -> its table file; DataError when a split has both a .csv and a .tsv."""
     files: dict[str, Path] = {}
     for path in sorted(root.iterdir()):
-        if path.suffix.lower() not in DELIMITERS or path.name.startswith(".") or not path.is_file():
+        if path.suffix.lower() not in SUFFIXES or path.name.startswith(".") or not path.is_file():
             continue
         if path.stem in files:
             raise DataError(f"split {path.stem!r} has two manifests, {files[path.stem]} and {path}: keep one")
@@ -82,43 +81,23 @@ def list_splits(cfg: DataConfig) -> list[str]:
 
 
 def read_table(path: Path) -> Table:
-    """Parse one manifest; DataError naming the file and line for anything malformed."""
-    try:
-        return _read_table(path)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path} is not a readable UTF-8 {path.suffix[1:]} table: {exc}") from None
-
-
-def _read_table(path: Path) -> Table:
+    """Parse one manifest (through :func:`mcpipe.labels.read_table`); DataError naming the file and line for
+    anything malformed. A clean file's ``id`` stands for ``path``; its rows with an empty label are left out."""
+    text = read_label_table(path, (("path", "id"), "label"), optional=("clean_label",),
+                            expected="path, label and optionally clean_label")
+    key = "path" if "path" in text.header else "id"  # mcpipe clean writes id
+    may_drop, dropped = DROP_MARKER in text.header, 0
     ids, labels, clean, lines = [], [], [], []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=DELIMITERS[path.suffix.lower()])
-        header = [h.strip() for h in next(reader, [])]
-        path_column = "path" if "path" in header or "id" not in header else "id"  # mcpipe clean writes id
-        missing = [c for c in (path_column, "label") if c not in header]
-        if missing:
-            raise DataError(f"{path} line 1: header lacks the column(s) {', '.join(missing)}; "
-                            f"expected path, label and optionally clean_label, found {header}")
-        p_col, l_col = header.index(path_column), header.index("label")
-        may_drop, dropped = DROP_MARKER in header, 0
-        c_col = header.index("clean_label") if "clean_label" in header else None
-        width = max(p_col, l_col, c_col or 0) + 1
-        for row in reader:
-            label = row[l_col].strip() if len(row) >= width else ""
-            if not label:
-                if not "".join(row).strip():
-                    continue  # a blank line
-                where = f"{path} line {reader.line_num}"
-                if len(row) < width:
-                    raise DataError(f"{where}: {len(row)} fields, expected at least {width} (header {header})")
-                if may_drop:
-                    dropped += 1  # by mcpipe clean
-                    continue
-                raise DataError(f"{where}: empty label, expected a class name")
-            ids.append(safe_relpath(row[p_col].strip(), file=path, line=reader.line_num))
-            labels.append(label)
-            clean.append(row[c_col].strip() if c_col is not None else "")
-            lines.append(reader.line_num)
+    for line, p, label, c in zip(text.lines, text.values(key), text.values("label"), text.values("clean_label")):
+        if not label:
+            if may_drop:
+                dropped += 1  # by mcpipe clean
+                continue
+            raise DataError(f"{path} line {line}: empty label, expected a class name")
+        ids.append(safe_relpath(p, file=path, line=line))
+        labels.append(label)
+        clean.append(c)
+        lines.append(line)
     if dropped:
         log.info("%s: %d rows with an empty label left out (dropped by mcpipe clean)", path, dropped)
     return Table(path, ids, labels, clean, lines)
