@@ -20,6 +20,7 @@ from mcpipe.cleaner.metrics import accuracy, confusion, detection, label_truth
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.train import alpha_scores, predict, set_accuracy
 from mcpipe.config import Config, to_toml
+from mcpipe.faults import pause_at
 from mcpipe.rundir import save_atomic, write_confusion, write_text_atomic
 from mcpipe.store.reader import FeatureStore
 
@@ -91,6 +92,7 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, labels: RunLabels
                   issues=None if found is None else found.issues,
                   trained=np.where((weights > 0) & keep, trained, -1),
                   split=split)
+    pause_at("head_export")  # (tests: a kill here leaves scores.csv of this run and no head.pt yet)
     save_atomic({"format": HEAD_FORMAT, "version": 1, "state_dict": head.state_dict(), "head": head.config(),
                  "classes": list(store.classes), "feature_dim": store.feature_dim,
                  "provenance": _provenance(store), "config": to_toml(cfg)}, out / "head.pt")

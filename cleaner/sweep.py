@@ -15,6 +15,7 @@ interrupted sweep continues where it was when run again.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import logging
@@ -24,6 +25,8 @@ from pathlib import Path
 from mcpipe.cleaner.run import RUN_SECTIONS, prepare, run_config_text, train_head
 from mcpipe.config import Config, with_overrides
 from mcpipe.errors import ConfigError
+from mcpipe.faults import pause_at
+from mcpipe.rundir import write_text_atomic
 from mcpipe.stopping import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -103,13 +106,15 @@ def _fmt(v) -> str:
 
 def _write(out: Path, rows: list[dict], keys: list[str]) -> None:
     cols = ["chosen", *keys, "val_accuracy", "test_accuracy", "noise_detection_auroc", "seconds", "run"]
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(table.getvalue(), out / "results.csv")
+    pause_at("sweep_results")  # (tests: a kill here leaves results.csv new and results.md not yet)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) if c != "seconds" else f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic("\n".join(lines) + "\n", out / "results.md")
 
 
 def align_columns(header: list[str], rows: list[list[str]]) -> str:

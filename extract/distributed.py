@@ -58,8 +58,30 @@ def init(info: DistInfo, device: torch.device) -> None:
     if device.type == "cuda":  # nccl's collectives, barriers included, run on the current device: this rank's
         torch.cuda.set_device(device)
     # extraction of a large split takes hours; ranks wait for the slowest at the barrier
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=12))
+    timeout = datetime.timedelta(hours=12)
+    store = _attempt_store(info, timeout)
+    if store is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=info.rank,
+                                world_size=info.world_size)
     log.info("rank %d of %d joined the %s process group", info.rank, info.world_size, backend)
+
+
+def _attempt_store(info: DistInfo, timeout: datetime.timedelta) -> dist.Store | None:
+    """The rendezvous store for this attempt of a torchrun job, or None for torch's default (``env://``).
+
+    torchrun's agent hosts one TCPStore for the whole job and shares it with its workers
+    (``TORCHELASTIC_USE_AGENT_STORE``). After a restart (``--max-restarts``, e.g. one rank killed by the
+    out-of-memory killer) the new workers would meet the keys the previous attempt left there -- the
+    process-group barrier's counters and the dead ranks' addresses -- and wait on them until the timeout.
+    A prefix per attempt (``TORCHELASTIC_RESTART_COUNT``) gives every attempt fresh keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"mcpipe-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier(info: DistInfo) -> None:

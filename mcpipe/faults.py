@@ -7,6 +7,8 @@ points; the fault-injection tests kill it during the sleep. The points:
 
 * ``block_write``: a store block's features are written, not yet flushed nor flagged (``store/writer.py``)
 * ``store_complete``: every row of a store is committed, ``complete`` not yet set (``store/writer.py``)
+* ``head_export``: train-head's last epoch is saved and scores.csv written, head.pt not yet (``cleaner/outputs.py``)
+* ``sweep_results``: every point finished, results.csv written, results.md not yet (``cleaner/sweep.py``)
 """
 
 from __future__ import annotations

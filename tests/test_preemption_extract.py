@@ -382,6 +382,32 @@ def test_under_torchrun_a_sigterm_stops_every_rank_after_its_block_and_the_rerun
     assert not list((out / ".shards").glob("*.h5"))
 
 
+@pytest.mark.slow
+def test_under_torchrun_max_restarts_a_rank_killed_minus_9_is_restarted_and_the_extraction_resumes(
+        data, small_ref, tmp_path):
+    """The out-of-memory killer takes one rank: torchrun (--max-restarts) restarts the group, which meets in a
+    fresh rendezvous (not the killed attempt's keys), resumes from the shards and finishes the store."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           *small_cmd(data, out)[1:]]
+    proc = Proc(cmd, tmp_path / "logs")
+    assert proc.read_until("committed blocks", 2), proc.wait()[2][-3000:]
+    ranks = [pid for pid in children(proc.pid) if "mcpipe" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    try:
+        rc, _, err = proc.wait(timeout=180)  # a restarted group waiting on the old attempt's keys would time out
+    finally:
+        if proc.popen.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 0, err[-6000:]
+    assert "exitcode: -9" in err and err.count("rank 1 of 2 joined") == 2, err[-3000:]  # killed, then restarted
+    ref = small_ref.done()
+    for split in SMALL:
+        assert_same_store(ref / f"{split}.h5", out / f"{split}.h5")
+    assert not list((out / ".shards").glob("*.h5"))
+
+
 # --------------------------------------------------------------------------- in-process
 
 

@@ -26,9 +26,19 @@ FIXED = ["--set", "train.auto=false", "--set", "train.epochs=12", "--set", "clea
 SEED = 1402  # the kill times below come from this seed: a failure names it and replays
 
 
-def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([*MCPIPE, *map(str, args)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def start(*args, pause_at: str = "", pause: float = 0.0) -> subprocess.Popen:
+    """The command, started; with ``pause_at`` it sleeps ``pause`` s at that point (mcpipe.faults)."""
+    env = {**ENV, "MCPIPE_TEST_PAUSE_AT": pause_at, "MCPIPE_TEST_PAUSE_SECONDS": str(pause)} if pause_at else ENV
+    return subprocess.Popen([*MCPIPE, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+
+
+def wait_for_pause(proc: subprocess.Popen, point: str) -> None:
+    """Read the process's stderr up to its ``test pause at <point>`` line."""
+    for line in proc.stderr:
+        if f"test pause at {point}" in line:
+            return
+    raise AssertionError(f"the run ended before {point}: {proc.communicate()}")
 
 
 def run(*args) -> subprocess.CompletedProcess:
@@ -79,6 +89,21 @@ def test_sigterm_stops_after_the_epoch_and_resume_auto_finishes_the_same_run(fea
         assert "--resume auto" in line and "Traceback" not in err
         done = run("train-head", "--features", feats, "--out", out, "--resume", "auto", *FIXED)
         assert done.returncode == 0, done.stderr
+        same_run(out, tmp_path / "ref")
+    # during the final export (last epoch saved, scores.csv written, head.pt not yet): kill -9 loses only the
+    # export, redone on resume; a SIGTERM lets the export finish (seconds) and the run ends as usual
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        out = tmp_path / f"export-{sig.name}"
+        proc = start("train-head", "--features", feats, "--out", out, *FIXED, pause_at="head_export", pause=1.5)
+        wait_for_pause(proc, "head_export")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        if sig == signal.SIGKILL:
+            assert not (out / "head.pt").exists()
+            done = run("train-head", "--features", feats, "--out", out, "--resume", "auto", *FIXED)
+            assert done.returncode == 0, done.stderr
+        else:
+            assert proc.returncode == 0 and "Traceback" not in err, err
         same_run(out, tmp_path / "ref")
 
 
@@ -140,3 +165,15 @@ def test_sweep_stops_resumably_and_continues_to_the_same_results(feats, tmp_path
     assert rows(out) == rows(tmp_path / "ref")
     for name in ("000-subset_size=2", "001-subset_size=1"):
         same_run(out / name, tmp_path / "ref" / name)
+    # kill -9 during the sweep's final export (results.csv written, results.md not yet): the same command
+    # writes both again from the finished points
+    (out / "results.md").unlink()
+    proc = start("sweep", "--features", feats, "--out", out, *FIXED, *grid, pause_at="sweep_results", pause=30)
+    wait_for_pause(proc, "sweep_results")
+    proc.kill()
+    proc.communicate()
+    assert rows(out) == rows(tmp_path / "ref") and not (out / "results.md").exists()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # no temporary left visible as a result
+    done = run("sweep", "--features", feats, "--out", out, *FIXED, *grid)
+    assert done.returncode == 0, done.stderr
+    assert rows(out) == rows(tmp_path / "ref") and (out / "results.md").read_text().startswith("| chosen")
