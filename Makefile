@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DEMO := runs/demo
 
-.PHONY: demo test venv fashion-mnist clean-demo roundtrip
+.PHONY: demo test test-fast venv fashion-mnist clean-demo roundtrip
 
 venv: $(STAMP)
 
@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,offline-weights,timm]'
 	touch $(STAMP)
 
+# Every test, on as many pytest workers as there are cores (pytest-xdist), a test file per worker at a time
+# (files share module fixtures, e.g. a reference run started beside their tests). `make test-fast`: the tests
+# not marked slow, under a minute.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
 fashion-mnist:
 	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \

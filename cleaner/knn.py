@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import time
 import zipfile
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from mcpipe.atomic import replacing
 from mcpipe.store.reader import FeatureRows, FeatureStore, read_features
 
 log = logging.getLogger(__name__)
@@ -251,19 +251,13 @@ def _read_cache(path: Path, key: str, m: int, k: int) -> dict | None:
 
 
 def _write_cache(path: Path, key: str, labels_hash: str, graph: KnnGraph) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with replacing(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, key=np.array(key), labels_sha256=np.array(labels_hash), neighbours=graph.neighbours,
                      similarity=graph.similarity, same_label=graph.same_label)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
         log.warning("could not write the kNN cache %s: %s", path, exc)
-        if tmp.is_file():
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------- searching

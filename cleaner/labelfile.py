@@ -34,7 +34,7 @@ import numpy as np
 
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.labels import CLEAN_COLUMNS, delimiter
-from mcpipe.rundir import write_text_atomic
+from mcpipe.atomic import write_text_atomic
 
 ACTIONS = ("keep", "relabel", "drop")
 _NEEDED = ("id", "given_label", "predicted_label", "classifier_score")

@@ -21,7 +21,8 @@ from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.train import alpha_scores, predict, set_accuracy
 from mcpipe.config import Config, to_toml
 from mcpipe.faults import pause_at
-from mcpipe.rundir import save_atomic, write_confusion, write_text_atomic
+from mcpipe.atomic import save_atomic, write_text_atomic
+from mcpipe.rundir import write_confusion
 from mcpipe.store.reader import FeatureStore
 
 if TYPE_CHECKING:

@@ -37,7 +37,8 @@ from mcpipe.errors import ConfigError, DataError
 from mcpipe.labels import LabelFile, labels_toml, read_label_file
 from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
-from mcpipe.rundir import save_atomic, start_run_dir, write_json_atomic
+from mcpipe.atomic import save_atomic, write_json_atomic
+from mcpipe.rundir import start_run_dir
 from mcpipe.stopping import StopRequest, stop_on_signals
 from mcpipe.store.reader import FeatureStore, open_store, read_features
 

@@ -22,12 +22,13 @@ import logging
 import re
 from pathlib import Path
 
+from mcpipe.atomic import write_text_atomic
 from mcpipe.cleaner.run import RUN_SECTIONS, prepare, run_config_text, train_head
 from mcpipe.config import Config, with_overrides
 from mcpipe.errors import ConfigError
 from mcpipe.faults import pause_at
-from mcpipe.rundir import write_text_atomic
 from mcpipe.stopping import stop_on_signals
+from mcpipe.tables import align_columns
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +116,6 @@ def _write(out: Path, rows: list[dict], keys: list[str]) -> None:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) if c != "seconds" else f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
     write_text_atomic("\n".join(lines) + "\n", out / "results.md")
-
-
-def align_columns(header: list[str], rows: list[list[str]]) -> str:
-    """A plain-text table: columns left-aligned to their widest cell, two spaces apart."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), *(line(r) for r in rows)])
 
 
 def format_table(rows: list[dict], keys: list[str]) -> str:

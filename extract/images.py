@@ -22,6 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mcpipe.errors import DataError
 from mcpipe.store.schema import SKIP_REASONS
 
+# file suffixes taken as images, wherever mcpipe looks for them (image folders, shards, predict's inputs)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm")
 _WHITE = (255, 255, 255, 255)
 
 # Errors PIL's parsers raise on malformed data besides OSError (fuzzing finds all of these).

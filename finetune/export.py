@@ -21,7 +21,7 @@ from mcpipe.extract.backbones import build_backbone
 from mcpipe.extract.preprocess import Preprocess
 from mcpipe.finetune.model import Net
 from mcpipe.loading import load_problem
-from mcpipe.rundir import save_atomic, write_json_atomic
+from mcpipe.atomic import save_atomic, write_json_atomic
 
 MODEL_FORMAT = "mcpipe-model"
 MODEL_VERSION = 1

@@ -21,7 +21,6 @@ decimals); ``top_k`` is ``class:prob;class:prob;...`` best first (4 decimals);
 from __future__ import annotations
 
 import csv
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,16 +28,17 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mcpipe.atomic import replacing
 from mcpipe.devices import resolve_device
 from mcpipe.errors import ConfigError, DataError
-from mcpipe.extract.images import ImageSkip, open_image
+from mcpipe.extract.images import IMAGE_SUFFIXES, ImageSkip, open_image
 from mcpipe.extract.preprocess import Preprocess, eval_transform
-from mcpipe.extract.sources.common import safe_relpath
 from mcpipe.finetune.export import load_model
+from mcpipe.labels import read_table
+from mcpipe.paths import safe_relpath
 from mcpipe.progress import progress_bar
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-MANIFEST_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+MANIFEST_SUFFIXES = (".csv", ".tsv")
 COLUMNS = ("id", "predicted", "probability", "top_k", "status")
 
 
@@ -71,7 +71,7 @@ def collect_inputs(inputs: list[str | Path]) -> list[tuple[str, Path]]:
         path = Path(item)
         if path.is_dir():
             found.extend(_folder_images(path))
-        elif path.is_file() and path.suffix.lower() in MANIFEST_DELIMITERS:
+        elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
             found.extend(_manifest_images(path))
         elif path.is_file():
             found.append((str(item), path))
@@ -79,36 +79,23 @@ def collect_inputs(inputs: list[str | Path]) -> list[tuple[str, Path]]:
             raise DataError(f"input {item} does not exist (expected an image, a folder or a .csv/.tsv manifest)")
     if not found:
         raise DataError(f"no images found in {', '.join(str(i) for i in inputs) or 'the inputs (none given)'} "
-                        f"(image extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+                        f"(image extensions: {', '.join(sorted(IMAGE_SUFFIXES))})")
     return found
 
 
 def _folder_images(root: Path) -> list[tuple[str, Path]]:
     rel = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     return [(r, root / r) for r in rel]
 
 
 def _manifest_images(path: Path) -> list[tuple[str, Path]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=MANIFEST_DELIMITERS[path.suffix.lower()])
-            header = [h.strip() for h in next(reader, [])]
-            if "path" not in header:
-                raise DataError(f"{path} line 1: header lacks the column 'path' (found {header}); "
-                                "a manifest lists image paths relative to its folder")
-            col = header.index("path")
-            found = []
-            for row in reader:
-                if not "".join(row).strip():
-                    continue  # a blank line
-                if len(row) <= col:
-                    raise DataError(f"{path} line {reader.line_num}: {len(row)} fields, expected at least "
-                                    f"{col + 1} (header {header})")
-                rel = safe_relpath(row[col].strip(), file=path, line=reader.line_num)
-                found.append((rel, path.parent / rel))
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path} is not a readable UTF-8 {path.suffix[1:]} table: {exc}") from None
+    """The images a manifest lists in its ``path`` column (relative to its folder)."""
+    table = read_table(path, ("path",), expected="path (image paths relative to the manifest's folder)")
+    found = []
+    for line, p in zip(table.lines, table.values("path")):
+        rel = safe_relpath(p, file=path, line=line)
+        found.append((rel, path.parent / rel))
     return found
 
 
@@ -166,14 +153,9 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, *, dev
 
 
 def _write_csv(out: Path, rows: list[list[str]]) -> None:
-    """Write to a temporary name beside ``out``, then rename: ``out`` is whole or absent."""
+    """Write atomically (``mcpipe.atomic``): ``out`` is whole or absent."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            writer.writerows(rows)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from mcpipe.atomic import STALE, save_atomic, write_json_atomic, write_text_atomic  # noqa: F401 (re-exported)
 from mcpipe.errors import ConfigError, DataError, write_error
 from mcpipe.locks import OutputLock, acquire, refuse_if_locked
 
 _WRITER = "mcpipe train-head, finetune or sweep"
-_KEPT = "the previous version, if any, is kept"
 
 
 RESUME_VALUES = ("no", "yes", "auto")
@@ -77,7 +74,7 @@ def start_run_dir(out: Path, config_text: str, files: tuple[str, ...], *, resume
     lock = acquire(out / ".lock", what=f"run folder {out}", writer=_WRITER)
     try:
         _check(out, config_text, files, resume=resume, overwrite=overwrite)  # again, now that it is ours
-        for stale in out.glob(_STALE):  # temporary files of a writer that was killed
+        for stale in out.glob(STALE):  # temporary files of a writer that was killed
             stale.unlink(missing_ok=True)
         if not resume:
             for name in files:
@@ -90,43 +87,6 @@ def start_run_dir(out: Path, config_text: str, files: tuple[str, ...], *, resume
         lock.release()
         raise
     return lock
-
-
-_STALE = ".*.tmp-*"  # what _temporary names look like
-
-
-def _temporary(path: Path) -> Path:
-    """The name ``path`` is written under before the rename (hidden, per process)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a reader sees the old file or the new one."""
-    tmp = _temporary(path)
-    try:
-        with open(tmp, "wb") as f:  # a file object: a failed write is an OSError with its errno
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch reports some failed writes as RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, exc, then=_KEPT) from None
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write to a temporary name, then rename: a reader sees the old file or the new one."""
-    tmp = _temporary(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, exc, then=_KEPT) from None
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    write_text_atomic(json.dumps(obj, indent=2), path)
 
 
 def write_confusion(counts: np.ndarray, classes: list[str], path: Path) -> None:

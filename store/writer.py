@@ -42,6 +42,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from mcpipe.atomic import replacing
 from mcpipe.errors import DataError, write_error
 from mcpipe.faults import pause_at
 from mcpipe.locks import OutputLock, acquire, detach_in_children, keep_in_children
@@ -140,50 +141,52 @@ def _reserve(fd: int, size: int) -> None:
 
 
 def _create(path: Path, spec: StoreSpec) -> None:
-    """Write a new, empty store to a temporary file, reserve its disk space and rename it to ``path``."""
+    """Write a new, empty store to a temporary file, reserve its disk space and rename it to ``path``
+    (``mcpipe.atomic.replacing``: ``path`` appears whole or not at all)."""
     if spec.dtype not in FEATURE_DTYPES:
         raise DataError(f"store dtype {spec.dtype!r} is invalid: expected one of {FEATURE_DTYPES}")
-    n, d = spec.num_rows, spec.feature_dim
-    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     need = _room_needed(spec)
     try:
-        # room first: a full disk or a size limit fails here as one OSError, not inside HDF5,
-        # whose failed writes leave a file it can neither close nor let go of
-        with open(tmp, "wb") as probe:
-            _reserve(probe.fileno(), need)
-        with h5py.File(tmp, "w") as f:  # truncates the probe: HDF5 writes into the room just found
-            f.create_dataset("labels", data=np.asarray(spec.labels, dtype=np.int64))
-            f.create_dataset("clean_labels", data=np.asarray(spec.clean_labels, dtype=np.int64))
-            f.create_dataset("ids", data=np.array(spec.ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-            f.create_dataset("written", data=np.zeros(n, dtype=bool))
-            f.create_dataset("skipped", data=np.zeros(n, dtype=np.uint8))
-            if spec.verified is not None:
-                f.create_dataset("verified", data=np.asarray(spec.verified, dtype=np.int8))
-            if spec.paths is not None:
-                f.create_dataset("paths", data=np.array(spec.paths, dtype=object), dtype=h5py.string_dtype("utf-8"))
-            # features last: what HDF5 writes now lies in the file's first bytes, the rows (not written
-            # yet) after them, in the order a run fills them
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            f.create_dataset("features", shape=(n, d), dtype=spec.dtype,
-                             chunks=(max(1, min(spec.chunk_rows, n)), d), dcpl=dcpl, fill_time="never")
-            for key, value in spec.attrs.items():
-                f.attrs[key] = value
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["block_rows"] = spec.block_rows
-            f.attrs["complete"] = False
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            _reserve(fd, os.fstat(fd).st_size)  # every block of the store now: writing rows needs no more room
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            _write_empty(tmp, spec, need)
     except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for some failed writes
         raise write_error(f"store {path} (about {need / 2**20:.1f} MiB)", exc, action="create",
                           then="run the same command again when there is room") from None
+
+
+def _write_empty(tmp: Path, spec: StoreSpec, need: int) -> None:
+    """The store's every dataset and attribute, no row written, its disk space reserved."""
+    n, d = spec.num_rows, spec.feature_dim
+    # room first: a full disk or a size limit fails here as one OSError, not inside HDF5,
+    # whose failed writes leave a file it can neither close nor let go of
+    with open(tmp, "wb") as probe:
+        _reserve(probe.fileno(), need)
+    with h5py.File(tmp, "w") as f:  # truncates the probe: HDF5 writes into the room just found
+        f.create_dataset("labels", data=np.asarray(spec.labels, dtype=np.int64))
+        f.create_dataset("clean_labels", data=np.asarray(spec.clean_labels, dtype=np.int64))
+        f.create_dataset("ids", data=np.array(spec.ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("written", data=np.zeros(n, dtype=bool))
+        f.create_dataset("skipped", data=np.zeros(n, dtype=np.uint8))
+        if spec.verified is not None:
+            f.create_dataset("verified", data=np.asarray(spec.verified, dtype=np.int8))
+        if spec.paths is not None:
+            f.create_dataset("paths", data=np.array(spec.paths, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        # features last: what HDF5 writes now lies in the file's first bytes, the rows (not written
+        # yet) after them, in the order a run fills them
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        f.create_dataset("features", shape=(n, d), dtype=spec.dtype,
+                         chunks=(max(1, min(spec.chunk_rows, n)), d), dcpl=dcpl, fill_time="never")
+        for key, value in spec.attrs.items():
+            f.attrs[key] = value
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["block_rows"] = spec.block_rows
+        f.attrs["complete"] = False
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        _reserve(fd, os.fstat(fd).st_size)  # every block of the store now: writing rows needs no more room
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _check_resumable(path: Path, spec: StoreSpec) -> None:
@@ -242,7 +245,7 @@ class StoreWriter:
             raise write_error(f"store folder {path.parent}", exc, action="create") from None
         lock = acquire(lock_path(path), what=f"store {path}", writer="mcpipe extract")
         try:
-            for stale in path.parent.glob(f".{path.name}.creating-*"):  # a killed writer's; the lock makes it ours
+            for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a killed writer's; the lock makes it ours
                 stale.unlink(missing_ok=True)
             if path.exists() and not overwrite:
                 _check_resumable(path, spec)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from mcpipe.store.synthetic import write_synthetic_store
+
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # make test: the cores are shared among the workers
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="module")

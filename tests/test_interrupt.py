@@ -35,7 +35,7 @@ from fixtures_data import make_noisy_colour_images
 from mcpipe.cli import app
 from mcpipe.errors import DataError
 from mcpipe.locks import acquire
-from mcpipe.rundir import save_atomic, write_json_atomic
+from mcpipe.atomic import save_atomic, write_json_atomic
 from mcpipe.store.synthetic import write_synthetic_store
 
 SEED = 0
@@ -120,7 +120,7 @@ def no_timings(obj):
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary files a killed writer may leave: a later run must have cleared them."""
-    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name or ".creating-" in p.name)
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
 
 
 # --------------------------------------------------------------------------- data

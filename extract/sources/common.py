@@ -49,24 +49,6 @@ def expect_header(path: Path, lines: Iterator[tuple[int, str]], header: str) -> 
         raise DataError(f"{path} line {first[0]}: expected the header {header!r}, found {first[1]!r}")
 
 
-def safe_relpath(text: str, *, file: Path, line: int) -> str:
-    """``text`` as a normalised forward-slash path inside its root; DataError
-    naming ``file`` and ``line`` for an empty, absolute or escaping (``..``) path.
-
-    Plain string work: it runs once per row of million-row manifests."""
-    path = text.replace("\\", "/")
-    parts = [p for p in path.split("/") if p and p != "."]
-    if path.startswith("/") or path[1:2] == ":":
-        problem = "is absolute, expected a path relative to the data root"
-    elif ".." in parts:
-        problem = "leaves the data root ('..'), expected a path inside it"
-    elif not parts:
-        problem = "is empty, expected an image path relative to the data root"
-    else:
-        return "/".join(parts)
-    raise DataError(f"{file} line {line}: path {text!r} {problem}")
-
-
 def no_split(source: str, split: str, available: list[str], where: Path, *, needs: str = "") -> DataError:
     """The error for a split that is not there; ``needs`` says which files make it."""
     listed = ", ".join(available) if available else "none"

@@ -18,7 +18,7 @@ A root holding a ``train``, ``val`` or ``test`` folder is read as split
 folders (so in a one-split root no class may have those names). Classes are
 the sorted class-folder names (with split folders: the union over the splits,
 the same list for every split). Images are files with the extensions of
-``IMAGE_EXTENSIONS`` (any case); hidden files and folders are skipped. Ids
+``mcpipe.extract.images.IMAGE_SUFFIXES`` (any case); hidden files and folders are skipped. Ids
 are paths relative to the split's folder.
 
 Clean labels: a folder data set carries no verification, so ``train`` has
@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from mcpipe.config import DataConfig
+from mcpipe.extract.images import IMAGE_SUFFIXES
 from mcpipe.extract.sources.base import UNKNOWN, SplitIndex
 from mcpipe.extract.sources.common import data_root, int64, no_split
 
 log = logging.getLogger(__name__)
 
 NAME = "imagefolder"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_FOLDERS = ("train", "val", "test")
 CLEAN_SPLITS = ("val", "test")
 
@@ -75,7 +75,7 @@ def list_images(folder: Path) -> list[str]:
         rel = os.path.relpath(dirpath, folder).replace(os.sep, "/")
         rel = "" if rel == "." else rel
         found += [(rel, f) for f in filenames
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
     found.sort()
     return [f"{rel}/{f}" if rel else f for rel, f in found]
 

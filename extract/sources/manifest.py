@@ -42,8 +42,9 @@ import numpy as np
 from mcpipe.config import DataConfig
 from mcpipe.errors import DataError
 from mcpipe.extract.sources.base import UNKNOWN, SplitIndex
-from mcpipe.extract.sources.common import data_root, no_split, read_lines, safe_relpath
+from mcpipe.extract.sources.common import data_root, no_split, read_lines
 from mcpipe.labels import DROP_MARKER, read_table as read_label_table
+from mcpipe.paths import safe_relpath
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ from typing import BinaryIO
 import numpy as np
 
 from mcpipe.errors import DataError
+from mcpipe.extract.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm"})
+IMAGE_EXTENSIONS = frozenset(suffix[1:] for suffix in IMAGE_SUFFIXES)  # member names end ".<ext>"
 JSON_LABEL_KEYS = ("label", "class", "cls")
 JSON_CLEAN_KEY = "clean_label"
 INTEGER = re.compile(r"[0-9]+")

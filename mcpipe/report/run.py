@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from mcpipe.cleaner.metrics import detection as detection_of
-from mcpipe.cleaner.sweep import align_columns
 from mcpipe.errors import DataError
 from mcpipe.labels import read_label_file
 from mcpipe.report import figures
 from mcpipe.report.collect import Run, Scores, Sweep, is_sweep, read_run, read_scores, read_sweep
 from mcpipe.report.images import load_images
 from mcpipe.report.page import Section, Table, write_page
+from mcpipe.tables import align_columns
 
 log = logging.getLogger(__name__)
 
