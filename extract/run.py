@@ -26,13 +26,14 @@ import torch
 from torch.utils.data import DataLoader
 
 import mcpipe
+from mcpipe import distributed
 from mcpipe.config import Config, to_toml
 from mcpipe.devices import resolve_device
+from mcpipe.distributed import DistInfo
 from mcpipe.errors import DataError, write_error
-from mcpipe.extract import distributed
 from mcpipe.extract.backbones import Backbone, build_backbone, optimize_for_inference
 from mcpipe.extract.data import BlockSampler, IndexImages, ignore_stop_signals
-from mcpipe.extract.distributed import DistInfo
+from mcpipe.extract.distributed import block_range, join_shards, shard_path
 from mcpipe.extract.engine import BlockStats, extract_blocks
 from mcpipe.extract.preprocess import Preprocess, eval_transform, preprocess_for
 from mcpipe.extract.sources.base import SplitIndex
@@ -220,21 +221,21 @@ def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, inf
         return result
 
     num_blocks = -(-len(index) // block_rows)
-    ranges = [distributed.block_range(num_blocks, DistInfo(r, info.world_size)) for r in range(info.world_size)]
+    ranges = [block_range(num_blocks, DistInfo(r, info.world_size)) for r in range(info.world_size)]
     first, stop = ranges[info.rank]
     lo, hi = first * block_rows, min(stop * block_rows, len(index))
     shard_index = index.take(np.arange(lo, hi))
-    shard = distributed.shard_path(out, index.split, info)
+    shard = shard_path(out, index.split, info)
     _stop_now(ex, info, shard, path, len(index), overwrite=overwrite)  # every rank goes on, or every rank stops
     with StoreWriter.open(shard, spec_for(shard_index, block_rows), overwrite=overwrite,
                           sync_seconds=ex.cfg.store.sync_seconds) as writer:
         _fill(ex, writer, shard_index, result, label=f"{index.split} [rank {info.rank}]")
     _stop_now(ex, info, shard, path, len(index), overwrite=overwrite)  # (a barrier too) before rank 0 joins
     if info.is_main:
-        shards = [(distributed.shard_path(out, index.split, DistInfo(r, info.world_size)), ranges[r][0])
+        shards = [(shard_path(out, index.split, DistInfo(r, info.world_size)), ranges[r][0])
                   for r in range(info.world_size)]
         with StoreWriter.open(path, spec, overwrite=overwrite, sync_seconds=ex.cfg.store.sync_seconds) as writer:
-            distributed.join_shards(shards, writer)
+            join_shards(shards, writer)
         for p, _ in shards:
             p.unlink(missing_ok=True)
         log.info("joined %d shards into %s", len(shards), path)
