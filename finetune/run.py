@@ -53,7 +53,7 @@ from mcpipe.devices import resolve_device
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.labels import labels_toml, read_label_file
 from mcpipe.extract.backbones import build_backbone
-from mcpipe.extract.distributed import DistInfo, barrier, init, shutdown
+from mcpipe.distributed import DistInfo, barrier, init, shutdown
 from mcpipe.extract.preprocess import preprocess_for, train_transform
 from mcpipe.extract.sources.base import SplitIndex
 from mcpipe.extract.sources.registry import available_splits, load_index

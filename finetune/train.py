@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from mcpipe.extract.data import IndexImages
-from mcpipe.extract.distributed import DistInfo
+from mcpipe.distributed import DistInfo
 from mcpipe.extract.preprocess import Preprocess, eval_transform
 from mcpipe.extract.sources.base import SplitIndex
 from mcpipe.finetune.model import Net

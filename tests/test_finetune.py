@@ -24,7 +24,7 @@ from mcpipe.extract.preprocess import preprocess_for, train_transform
 from mcpipe.extract.sources.registry import load_index
 from mcpipe.config import load_config
 from mcpipe.errors import ConfigError
-from mcpipe.extract.distributed import DistInfo
+from mcpipe.distributed import DistInfo
 from mcpipe.extract.sources.base import SplitIndex
 from mcpipe.extract.sources.registry import available_splits
 from mcpipe.cleaner.split import stratified_holdout
