@@ -14,21 +14,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mcpipe.atomic import write_text_atomic
 from mcpipe.cleaner import knn
 from mcpipe.cleaner.auto import Search
+from mcpipe.cleaner.head_file import save_head
 from mcpipe.cleaner.metrics import accuracy, confusion, detection, label_truth
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.train import alpha_scores, predict, set_accuracy
 from mcpipe.config import Config, to_toml
 from mcpipe.faults import pause_at
-from mcpipe.atomic import save_atomic, write_text_atomic
 from mcpipe.rundir import write_confusion
 from mcpipe.store.reader import FeatureStore
 
 if TYPE_CHECKING:
     from mcpipe.cleaner.run import Prepared, RunLabels, Validation
 
-HEAD_FORMAT = "mcpipe-head"
 
 
 def _provenance(store: FeatureStore) -> dict:
@@ -94,9 +94,8 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, labels: RunLabels
                   trained=np.where((weights > 0) & keep, trained, -1),
                   split=split)
     pause_at("head_export")  # (tests: a kill here leaves scores.csv of this run and no head.pt yet)
-    save_atomic({"format": HEAD_FORMAT, "version": 1, "state_dict": head.state_dict(), "head": head.config(),
-                 "classes": list(store.classes), "feature_dim": store.feature_dim,
-                 "provenance": _provenance(store), "config": to_toml(cfg)}, out / "head.pt")
+    save_head(out / "head.pt", head, classes=list(store.classes), feature_dim=store.feature_dim,
+              provenance=_provenance(store), config=to_toml(cfg))
     return metrics
 
 

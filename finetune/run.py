@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.noise import noise_from_config
-from mcpipe.cleaner.outputs import HEAD_FORMAT
+from mcpipe.cleaner.head_file import load_head
 from mcpipe.cleaner.sampler import SubsetSampler
 from mcpipe.config import Config, to_toml
 from mcpipe.devices import resolve_device
@@ -73,7 +73,6 @@ RUN_FILES = ("config.toml", "checkpoint.pt", "metrics.json", "model.pt", "model.
 SECTIONS = ("data", "extract", "noise", "cleaner", "finetune")
 CHECKPOINT_FORMAT = "mcpipe-finetune-checkpoint"
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "phase", "history", "seconds", "replaced", "config"}
-HEAD_KEYS = {"state_dict", "head", "classes", "feature_dim"}
 
 
 @dataclass(frozen=True)
@@ -324,27 +323,16 @@ def _new_head(cfg: Config, feature_dim: int, num_classes: int) -> Head:
 
 def _load_head(run: Path, cfg: Config, feature_dim: int, classes: list[str]) -> Head:
     """The cleaner and classifier of a train-head run, checked against this backbone and data set."""
+    saved = load_head(run)
     path = run / "head.pt" if run.is_dir() else run
-    if not path.is_file():
-        raise DataError(f"--head {run}: no head.pt (mcpipe train-head --out writes one)")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or pickled objects weights_only refuses
-        raise DataError(f"--head {path} cannot be read as an mcpipe head: {load_problem(exc)}") from None
-    if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT or not HEAD_KEYS <= saved.keys():
-        raise DataError(f"--head {path} is not an mcpipe head (mcpipe train-head writes head.pt)")
-    backbone = (saved.get("provenance") or {}).get("backbone")
-    checks = (("backbone", backbone, cfg.extract.backbone), ("feature dimension", saved["feature_dim"], feature_dim),
-              ("class count", len(saved["classes"]), len(classes)), ("classes", saved["classes"], classes))
+    checks = (("backbone", saved.provenance.get("backbone"), cfg.extract.backbone),
+              ("feature dimension", saved.feature_dim, feature_dim), ("class count", len(saved.classes), len(classes)),
+              ("classes", saved.classes, classes))
     for what, theirs, ours in checks:
         if theirs != ours:
             raise DataError(f"--head {path} does not fit: its {what} is {theirs!s:.120} but this finetune's is "
                             f"{ours!s:.120} (extract.backbone / the data set)")
-    try:
-        head = Head(**saved["head"])
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"--head {path} holds an invalid head description: {exc}") from None
-    load_state_checked(head, saved["state_dict"], what=f"--head {path}")
+    head = saved.head
     if head.cleaner.subset_size != cfg.cleaner.subset_size:
         log.warning("the head was trained with N = %d subsets; finetune uses N = %d from it, not "
                     "cleaner.subset_size = %d", head.cleaner.subset_size, head.cleaner.subset_size,
