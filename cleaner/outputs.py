@@ -48,8 +48,9 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, labels: RunLabels
         "alpha": alpha_scores(head, prep.train_x, given, subset_size=n, repeats=cfg.cleaner.score_repeats,
                               seed=cfg.train.seed),
         "classifier": probs[rows, given],
-        "knn": knn.agreement(graph, given),
     }
+    if graph is not None:  # (cleaner.knn_score, or mining / rank_by that needed the graph)
+        scores["knn"] = knn.agreement(graph, given)
     if found is not None and found.probs is not None:
         scores["cross_validated"] = found.probs[rows, given]
     metrics: dict = {"history": history, "train_images": int(keep.sum()), "subset_size": n,
@@ -80,7 +81,7 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, labels: RunLabels
     if found is not None and found.issues is not None:
         metrics["label_issues"] = _issue_metrics(found.issues, known, wrong)
     rank = cfg.train.rank_by
-    if found_by[rank] is not None:
+    if found_by.get(rank) is not None:
         metrics["noise_detection_auroc"] = found_by[rank]["auroc"]
         metrics["noise_detection_ap"] = found_by[rank]["average_precision"]
     metrics["ranked_by"] = rank
@@ -140,7 +141,7 @@ def _write_scores(path: Path, store: FeatureStore, given, clean, correct, pred, 
     a refit)."""
     order = np.argsort(scores[rank], kind="stable")
     names = store.classes
-    cv = scores.get("cross_validated")
+    cv, nb = scores.get("cross_validated"), scores.get("knn")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["rank", "id", "split", "given_label", "predicted_label", "clean_label", "given_label_correct",
@@ -149,7 +150,7 @@ def _write_scores(path: Path, store: FeatureStore, given, clean, correct, pred, 
     for r, i in enumerate(order, 1):
         w.writerow([r, store.ids[i], split[i], names[given[i]], names[pred[i]],
                     names[clean[i]] if clean[i] >= 0 else "", "" if correct[i] < 0 else int(correct[i]),
-                    f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", f"{scores['knn'][i]:.4f}",
+                    f"{scores['alpha'][i]:.5f}", f"{scores['classifier'][i]:.5f}", "" if nb is None else f"{nb[i]:.4f}",
                     "" if cv is None else f"{cv[i]:.5f}", "" if issues is None else int(issues[i]),
                     names[trained[i]] if trained[i] >= 0 else ""])
     write_text_atomic(buf.getvalue(), path)  # a full disk or read-only folder: one line naming the file

@@ -77,8 +77,9 @@ def _check_pair(train: FeatureStore, test: FeatureStore) -> None:
                             "extract both splits with the same config")
 
 
-def prepare(cfg: Config, features_dir: str | Path) -> Prepared:
-    """Open ``features_dir/train.h5`` (and ``test.h5`` when present) and put them on the device."""
+def prepare(cfg: Config, features_dir: str | Path, *, graph: bool | None = None) -> Prepared:
+    """Open ``features_dir/train.h5`` (and ``test.h5`` when present) and put them on the device; with
+    ``graph`` (default: whether ``cfg`` :func:`needs_graph`) find every image's neighbours first."""
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise DataError(f"--features {features_dir} is not a folder of stores (mcpipe extract --out writes one)")
@@ -97,7 +98,7 @@ def prepare(cfg: Config, features_dir: str | Path) -> Prepared:
     # its float16 copy of the store and the features are never in memory together
     k = cfg.cleaner.knn_k
     start = time.perf_counter()
-    found = {k: knn.load_or_build_neighbours(train, k=k)}
+    found = {k: knn.load_or_build_neighbours(train, k=k)} if (needs_graph(cfg) if graph is None else graph) else {}
     seconds = {"neighbours": time.perf_counter() - start}
     train = dataclasses.replace(train, features=read_features(train))
     to = lambda s: torch.from_numpy(s.features).to(device)  # noqa: E731
@@ -145,7 +146,17 @@ def _run_labels(cfg: Config, prep: Prepared) -> RunLabels:
     return RunLabels(noisy, labels.copy(), labels, keep, file)  # the labels before noise are the known clean ones
 
 
+def needs_graph(cfg: Config) -> bool:
+    """Whether a run reads the FAISS graph: for ``knn_score`` in scores.csv, knn or agreement mining, or
+    ranking by the kNN score. Otherwise it is not built (on a large store, minutes on a CPU)."""
+    return cfg.cleaner.knn_score or cfg.cleaner.mining != "random" or cfg.train.rank_by == "knn"
+
+
 def _graph(cfg: Config, prep: Prepared, labels: np.ndarray):
+    """The kNN graph of the training features with ``labels`` (built once per process, cached beside the
+    store), or None when the run does not need one (:func:`needs_graph`)."""
+    if not needs_graph(cfg):
+        return None
     key = (cfg.cleaner.knn_k, hash(labels.tobytes()))
     if key not in prep.graphs:
         prep.graphs[key] = knn.load_or_build(prep.train, labels, k=cfg.cleaner.knn_k,
@@ -266,13 +277,16 @@ def _validation(cfg: Config, prep: Prepared, labels: RunLabels) -> tuple[np.ndar
 
 def _sampler(cfg: Config, given: np.ndarray, rows: np.ndarray, graph) -> OnRows:
     """K x N subsets of the given labels, drawn among ``rows`` (indices into the store)."""
-    local = np.full(len(given), -1, dtype=np.int64)
-    local[rows] = np.arange(len(rows))
-    nb = graph.same_label
-    neighbours = np.where(nb >= 0, local[np.maximum(nb, 0)], -1)[rows]
+    neighbours = agreement = None
+    if graph is not None:  # (random mining reads neither)
+        local = np.full(len(given), -1, dtype=np.int64)
+        local[rows] = np.arange(len(rows))
+        nb = graph.same_label
+        neighbours = np.where(nb >= 0, local[np.maximum(nb, 0)], -1)[rows]
+        agreement = knn.agreement(graph, given)[rows]
     sampler = SubsetSampler(given[rows], subset_size=cfg.cleaner.subset_size, batch_size=cfg.train.batch_size,
-                            mining=cfg.cleaner.mining, neighbours=neighbours,
-                            agreement=knn.agreement(graph, given)[rows], seed=cfg.train.seed)
+                            mining=cfg.cleaner.mining, neighbours=neighbours, agreement=agreement,
+                            seed=cfg.train.seed)
     return OnRows(sampler, rows)
 
 

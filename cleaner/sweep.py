@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from mcpipe.atomic import write_text_atomic
-from mcpipe.cleaner.run import RUN_SECTIONS, prepare, run_config_text, train_head
+from mcpipe.cleaner.run import RUN_SECTIONS, needs_graph, prepare, run_config_text, train_head
 from mcpipe.config import Config, with_overrides
 from mcpipe.errors import ConfigError
 from mcpipe.faults import pause_at
@@ -50,10 +50,9 @@ def _slug(i: int, point: dict) -> str:
 def run(cfg: Config, *, features: str | Path, out: str | Path, progress: bool = False) -> list[dict]:
     out = Path(out)
     points = grid_points(cfg)
-    prep = prepare(cfg, features)
+    prep = prepare(cfg, features, graph=any(needs_graph(with_overrides(cfg, p)) for p in points))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(run_config_text(cfg, prep.train, ("store", *RUN_SECTIONS, "sweep")),
-                                     encoding="utf-8")
+    write_text_atomic(run_config_text(cfg, prep.train, ("store", *RUN_SECTIONS, "sweep")), out / "config.toml")
     rows = []
     with stop_on_signals("run the same sweep command again to continue (a point stopped midway resumes)") as stop:
         for i, point in enumerate(points):

@@ -161,6 +161,10 @@ class CleanerConfig:
     """How subsets are drawn: at random (paper), anchor + same-label neighbours, or by neighbourhood agreement."""
     knn_k: int = 10
     """Neighbours per image in the FAISS graph (agreement score, knn mining)."""
+    knn_score: bool = True
+    """Write each image's neighbourhood label agreement (``knn_score``) in scores.csv. The FAISS graph is built
+    (once, cached beside the store) only when this, ``mining`` other than random or ``train.rank_by = "knn"``
+    needs it."""
     score_repeats: int = 8
     """Random subsets each training image is scored in for alpha_score."""
 

@@ -64,6 +64,31 @@ def test_same_config_same_numbers(feats, tmp_path):
     assert a["detection"] == b["detection"]
 
 
+def test_the_knn_graph_is_built_only_when_something_reads_it(tmp_path):
+    """knn_score off, random mining, ranking by the classifier: no FAISS graph, the same model and the same
+    scores but an empty knn_score column; ranking by it builds the graph (and caches it) after all."""
+    feats = tmp_path / "feats"
+    write_synthetic_store(feats / "train.h5", 300, 16, 3, seed=4, spread=1.0, split="train")
+    cache = lambda: sorted(p.name for p in feats.glob("*.knn-*"))  # noqa: E731
+    args = sets("noise.kind=symmetric", "noise.rate=0.2")
+    assert invoke("train-head", "--features", str(feats), "--out", str(tmp_path / "without"), *args,
+                  "--set", "cleaner.knn_score=false").exit_code == 0
+    assert cache() == []
+    rows = list(csv.DictReader(open(tmp_path / "without" / "scores.csv")))
+    assert {r["knn_score"] for r in rows} == {""}
+    m = json.loads((tmp_path / "without" / "metrics.json").read_text())
+    assert set(m["detection"]) == {"alpha", "classifier"}
+    assert invoke("train-head", "--features", str(feats), "--out", str(tmp_path / "with"), *args).exit_code == 0
+    assert cache() == ["train.knn-k5.npz"]
+    full = list(csv.DictReader(open(tmp_path / "with" / "scores.csv")))
+    drop = lambda rs: [{k: v for k, v in r.items() if k != "knn_score"} for r in rs]  # noqa: E731
+    assert drop(rows) == drop(full) and all(r["knn_score"] for r in full)
+    (feats / "train.knn-k5.npz").unlink()
+    assert invoke("train-head", "--features", str(feats), "--out", str(tmp_path / "ranked"), *args,
+                  "--set", "cleaner.knn_score=false", "--set", "train.rank_by=knn").exit_code == 0
+    assert cache() == ["train.knn-k5.npz"]
+
+
 def test_planted_noise_is_ranked_first(feats, tmp_path):
     out = tmp_path / "run"
     res = invoke("train-head", "--features", str(feats), "--out", str(out),
