@@ -95,6 +95,7 @@ class _WriterThread:
             with contextlib.suppress(queue.Full):
                 self.queue.put_nowait(None)  # wakes the thread if it waits for an item
             self.finished.wait()
+            self.thread.join()  # it is returning (finished is set in its last lines): a moment at most
             raise
         self.thread.join()  # it has ended: at once
         self.check()
