@@ -25,6 +25,7 @@ from mcpipe.config import Config, to_toml
 from mcpipe.faults import pause_at
 from mcpipe.rundir import write_confusion
 from mcpipe.store.reader import FeatureStore
+from mcpipe.store.schema import PROVENANCE_KEYS
 
 if TYPE_CHECKING:
     from mcpipe.cleaner.run import Prepared, RunLabels, Validation
@@ -32,9 +33,7 @@ if TYPE_CHECKING:
 
 
 def _provenance(store: FeatureStore) -> dict:
-    keys = ("backbone", "weights", "weights_sha256", "preprocessing", "image_size", "source_fingerprint",
-            "config_fingerprint", "dataset")
-    return {k: store.attrs.get(k) for k in keys}
+    return {k: store.attrs.get(k) for k in PROVENANCE_KEYS}
 
 
 def finish(cfg: Config, prep: Prepared, head: Head, out: Path, labels: RunLabels, graph,

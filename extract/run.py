@@ -40,7 +40,7 @@ from mcpipe.extract.sources.base import SplitIndex
 from mcpipe.extract.sources.registry import available_splits, load_index
 from mcpipe.progress import progress_bar
 from mcpipe.stopping import StopRequest, stop_on_signals
-from mcpipe.store.schema import SCHEMA_VERSION
+from mcpipe.store.schema import SCHEMA_VERSION, Provenance
 from mcpipe.store.writer import StoreSpec, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -87,25 +87,14 @@ def store_spec(cfg: Config, index: SplitIndex, backbone: Backbone, pre: Preproce
         "dtype": cfg.store.dtype, "precision": precision, "feature_dim": backbone.feature_dim,
         "schema": SCHEMA_VERSION,
     }
-    attrs = {
-        "mcpipe_version": mcpipe.__version__,
-        "dataset": index.source,
-        "split": index.split,
-        "class_names": np.array(index.classes, dtype=h5py.string_dtype()),
-        "backbone": prov["backbone"],
-        "weights": prov["weights"],
-        "weights_sha256": prov["weights_sha256"],
-        "random_init": bool(prov["random_init"]),
-        "image_size": pre.image_size,
-        "preprocessing": json.dumps(pre.to_dict(), sort_keys=True),
-        "precision": precision,
-        "device": str(device),
-        "data_root": str(index.root),
-        "source_fingerprint": index.fingerprint(),
-        "config_fingerprint": _fingerprint(meaning),
-        "config_toml": to_toml(cfg, ("data", "extract", "store")),
-        "created_unix": time.time(),
-    }
+    provenance = Provenance(
+        mcpipe_version=mcpipe.__version__, dataset=index.source, split=index.split, class_names=list(index.classes),
+        backbone=prov["backbone"], weights=prov["weights"], weights_sha256=prov["weights_sha256"],
+        random_init=bool(prov["random_init"]), image_size=pre.image_size,
+        preprocessing=json.dumps(pre.to_dict(), sort_keys=True), precision=precision, device=str(device),
+        data_root=str(index.root), source_fingerprint=index.fingerprint(), config_fingerprint=_fingerprint(meaning))
+    attrs = {**provenance.attrs(), "config_toml": to_toml(cfg, ("data", "extract", "store")),
+             "created_unix": time.time()}
     return StoreSpec(ids=index.ids, labels=index.labels, clean_labels=index.clean_labels,
                      verified=index.verified, feature_dim=backbone.feature_dim, dtype=cfg.store.dtype,
                      block_rows=block_rows, chunk_rows=cfg.store.chunk_rows, attrs=attrs)

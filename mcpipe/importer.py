@@ -39,7 +39,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 import mcpipe
@@ -47,7 +46,7 @@ from mcpipe.errors import ConfigError, DataError
 from mcpipe.extract.sources.base import SplitIndex
 from mcpipe.hashing import sha256_file
 from mcpipe.labels import read_table
-from mcpipe.store.schema import FEATURE_DTYPES, SCHEMA_VERSION
+from mcpipe.store.schema import FEATURE_DTYPES, SCHEMA_VERSION, Provenance
 from mcpipe.store.writer import StoreSpec, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -352,27 +351,16 @@ def run_import(out: Path, split: str, *, embeddings: list[Path] | None = None, l
     if classes is not None:
         sources.append({"role": "classes", "path": str(Path(classes).resolve()), "sha256": sha256_file(Path(classes))})
     dim = int(arrays[0].shape[1])
-    attrs = {
-        "mcpipe_version": mcpipe.__version__,
-        "dataset": "imported" if clip_retrieval is None else "clip-retrieval",
-        "split": split,
-        "class_names": np.array(class_names, dtype=h5py.string_dtype()),
-        "backbone": BACKBONE,
-        "weights": "",
-        "weights_sha256": "",
-        "random_init": False,
-        "image_size": 0,
-        "preprocessing": "{}",
-        "precision": ",".join(sorted({a.dtype.name for a in arrays})),
-        "device": "",
-        "data_root": "",
-        "source_fingerprint": _source_fingerprint(split, table.ids, label_ids, clean_ids, class_names),
-        "config_fingerprint": _fingerprint({"backbone": BACKBONE, "dtype": dtype, "feature_dim": dim,
-                                            "schema": SCHEMA_VERSION,
-                                            "embeddings": [s["sha256"] for s in sources if s["role"] == "embeddings"]}),
-        "import_sources": json.dumps(sources, sort_keys=True),
-        "created_unix": time.time(),
-    }
+    provenance = Provenance(
+        mcpipe_version=mcpipe.__version__, dataset="imported" if clip_retrieval is None else "clip-retrieval",
+        split=split, class_names=list(class_names), backbone=BACKBONE, weights="", weights_sha256="",
+        random_init=False, image_size=0, preprocessing="{}", precision=",".join(sorted({a.dtype.name for a in arrays})),
+        device="", data_root="",
+        source_fingerprint=_source_fingerprint(split, table.ids, label_ids, clean_ids, class_names),
+        config_fingerprint=_fingerprint({"backbone": BACKBONE, "dtype": dtype, "feature_dim": dim,
+                                         "schema": SCHEMA_VERSION,
+                                         "embeddings": [s["sha256"] for s in sources if s["role"] == "embeddings"]}))
+    attrs = {**provenance.attrs(), "import_sources": json.dumps(sources, sort_keys=True), "created_unix": time.time()}
     image_paths = None
     if table.paths is not None:
         base = Path(clip_retrieval) if clip_retrieval is not None else Path(labels).parent

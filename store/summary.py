@@ -8,10 +8,8 @@ from typing import Any
 import numpy as np
 
 from mcpipe.store.reader import FeatureStore
+from mcpipe.store.schema import PROVENANCE_KEYS
 
-PROVENANCE_KEYS = ("dataset", "split", "data_root", "backbone", "weights", "weights_sha256", "random_init",
-                   "image_size", "preprocessing", "precision", "device", "mcpipe_version", "schema_version",
-                   "source_fingerprint", "config_fingerprint")
 
 
 def describe(store: FeatureStore) -> dict[str, Any]:
@@ -34,7 +32,7 @@ def describe(store: FeatureStore) -> dict[str, Any]:
         "skipped": len(store.skipped),
         "skipped_by_reason": dict(Counter(reason for _, reason in store.skipped)),
         "skipped_examples": [{"id": i, "reason": r} for i, r in store.skipped[:10]],
-        "provenance": {k: store.attrs.get(k) for k in PROVENANCE_KEYS},
+        "provenance": {k: store.attrs.get(k) for k in (*PROVENANCE_KEYS, "schema_version")},
         "image_paths": store.has_paths,  # the store records each row's image file (mcpipe import)
     }
     if store.verified is not None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from mcpipe.store.schema import Provenance
 from mcpipe.store.writer import StoreSpec, StoreWriter
 
 
@@ -31,12 +31,12 @@ def write_synthetic_store(path: str | Path, rows: int, dim: int, classes: int, *
     spec = StoreSpec(
         ids=[f"synthetic/{split}/{i:07d}" for i in range(rows)], labels=labels, clean_labels=labels.copy(),
         feature_dim=dim, dtype=dtype, block_rows=block_rows, chunk_rows=256,
-        attrs={"mcpipe_version": "synthetic", "dataset": "synthetic", "split": split,
-               "class_names": np.array([f"class{c}" for c in range(classes)], dtype=h5py.string_dtype()),
-               "backbone": "synthetic", "weights": "none", "weights_sha256": "", "random_init": True,
-               "image_size": 0, "preprocessing": "{}", "source_fingerprint": f"synthetic-{split}-{rows}-{dim}-{seed}",
-               "config_fingerprint": f"synthetic-{classes}-{spread}-{dtype}", "precision": "fp32", "device": "cpu",
-               "data_root": ""})
+        attrs=Provenance(
+            mcpipe_version="synthetic", dataset="synthetic", split=split,
+            class_names=[f"class{c}" for c in range(classes)], backbone="synthetic", weights="none", weights_sha256="",
+            random_init=True, image_size=0, preprocessing="{}", precision="fp32", device="cpu", data_root="",
+            source_fingerprint=f"synthetic-{split}-{rows}-{dim}-{seed}",
+            config_fingerprint=f"synthetic-{classes}-{spread}-{dtype}").attrs())
     with StoreWriter.open(path, spec, overwrite=True, sync_seconds=60) as w:
         for b in w.pending_blocks():
             lo, hi = w.block_range(b)
