@@ -21,17 +21,17 @@ relation) do drift towards 0 during training; alpha / sum(alpha) then gives 0/0.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mcpipe.config import CleanerConfig, Combine, Weighting
 from mcpipe.errors import ConfigError
 
-WEIGHTINGS = ("constant", "attention_sig", "attention_exp", "fc_fc_sig", "fc_fc_relu_sig",
-              "fc_relu_fc_relu_sig", "relation")
-COMBINES = ("hallucinate", "loss_reweight")
+WEIGHTINGS = get_args(Weighting)
+COMBINES = get_args(Combine)
 
 # Initial bias of the last FC of the ReLU-before-sigmoid variants: with PyTorch's
 # default bias (about 0) half the outputs start in the ReLU's flat part (alpha
@@ -221,7 +221,7 @@ class MetaCleaner(nn.Module):
     """
 
     def __init__(self, subset_size: int, feature_dim: int, *, hidden: int = 384,
-                 weighting: str = "fc_fc_relu_sig", combine: str = "hallucinate") -> None:
+                 weighting: str = CleanerConfig.weighting, combine: str = CleanerConfig.combine) -> None:
         super().__init__()
         _check_positive("cleaner.subset_size", subset_size)
         _check_positive("feature_dim", feature_dim)
@@ -277,7 +277,7 @@ class Head(nn.Module):
     """
 
     def __init__(self, feature_dim: int, num_classes: int, *, subset_size: int = 4, hidden: int = 384,
-                 weighting: str = "fc_fc_relu_sig", combine: str = "hallucinate",
+                 weighting: str = CleanerConfig.weighting, combine: str = CleanerConfig.combine,
                  mean: Tensor | None = None, std: Tensor | None = None) -> None:
         super().__init__()
         _check_positive("feature_dim", feature_dim)

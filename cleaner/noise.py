@@ -37,12 +37,14 @@ All kinds are deterministic in ``seed`` and never modify their input.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 
-from mcpipe.config import NoiseConfig
+from mcpipe.config import NoiseConfig, NoiseKind
 from mcpipe.errors import ConfigError
 
-KINDS = ("none", "symmetric", "pairflip", "matrix", "instance")
+KINDS = get_args(NoiseKind)
 _ROW_SUM_TOL = 1e-6
 _TEMPERATURE_PER_STD = 0.5  # instance: T = 0.5 * std(margin)
 _MIN_STD = 1e-6  # floor of a dimension's std, as the head's standardisation

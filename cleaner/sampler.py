@@ -29,13 +29,14 @@ the same batches. Everything is vectorised per class, never per image.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, get_args
 
 import numpy as np
 
+from mcpipe.config import Mining
 from mcpipe.errors import ConfigError
 
-MINING = ("random", "knn", "agreement")
+MINING = get_args(Mining)
 AGREEMENT_FLOOR = 0.05  # added to agreement scores: low-agreement images are down-weighted, never excluded
 _BLOCK = 4096  # images per random generator in a class stream (small classes pack several passes)
 _REDRAWS = 8  # rounds of redrawing subsets that hold an image twice

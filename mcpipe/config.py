@@ -116,13 +116,17 @@ class StoreConfig:
         _check(self.sync_seconds >= 0, "store.sync_seconds", self.sync_seconds, "a number >= 0")
 
 
+# The choices of the stages' building blocks, defined once here (the modules take theirs from these).
 Weighting = Literal["constant", "attention_sig", "attention_exp", "fc_fc_sig", "fc_fc_relu_sig",
                     "fc_relu_fc_relu_sig", "relation"]
+Combine = Literal["hallucinate", "loss_reweight"]
+Mining = Literal["random", "knn", "agreement"]
+NoiseKind = Literal["none", "symmetric", "pairflip", "matrix", "instance"]
 
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    kind: Literal["none", "symmetric", "pairflip", "matrix", "instance"] = "none"
+    kind: NoiseKind = "none"
     """Synthetic label noise added in memory for experiments (the store is untouched); instance = flips drawn mostly
     among the images that look most like another class, to that class (needs features: train-head only)."""
     rate: float = 0.0
@@ -153,11 +157,11 @@ class CleanerConfig:
     weighting: Weighting = "relation"
     """Noisy Weighting: relation (permutation-equivariant, ours: each image scored against the rest of its subset)
     or the paper's six variants (Table 2)."""
-    combine: Literal["hallucinate", "loss_reweight"] = "hallucinate"
+    combine: Combine = "hallucinate"
     """How alpha is used: v_c = sum(alpha v) / sum(alpha), or alpha weighting each image's loss (Table 3)."""
     hidden: int = 384
     """Hidden width of the weighting network (paper: 384 Food-101N, 512 Clothing1M)."""
-    mining: Literal["random", "knn", "agreement"] = "random"
+    mining: Mining = "random"
     """How subsets are drawn: at random (paper), anchor + same-label neighbours, or by neighbourhood agreement."""
     knn_k: int = 10
     """Neighbours per image in the FAISS graph (agreement score, knn mining)."""
