@@ -11,25 +11,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from conftest import TINY, invoke, sets
 from fixtures_data import make_cifar10, make_clothing1m, make_food101n, make_idx, make_imagefolder, make_manifest
-from mcpipe.cli import app
 from mcpipe.store.reader import open_store
 
-TINY = ["extract.backbone=resnet18", "extract.weights=none", "extract.image_size=32", "extract.batch_size=4",
-        "extract.device=cpu", "extract.num_workers=0"]
-
-
-def sets(*items: str) -> list[str]:
-    out = []
-    for s in (*TINY, *items):
-        out += ["--set", s]
-    return out
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
+def tiny(*items: str) -> list[str]:
+    return sets(*TINY, *items)
 
 
 def varied_imagefolder(root: Path, n: int, *, classes: int = 3, size: int = 24) -> Path:
@@ -54,7 +42,7 @@ def same_store(a: Path, b: Path) -> None:
 def test_extract_and_inspect_through_cli(tmp_path):
     root = make_imagefolder(tmp_path / "data", classes=("cat", "dog", "owl"), per_class=3, splits=("train", "test"))
     out = tmp_path / "feats"
-    res = invoke("extract", "--out", str(out), *sets("data.source=imagefolder", f"data.root={root}"))
+    res = invoke("extract", "--out", str(out), *tiny("data.source=imagefolder", f"data.root={root}"))
     assert res.exit_code == 0, res.output
     assert "train: 9 rows" in res.output and "test: 9 rows" in res.output and "0 skipped" in res.output
     store = open_store(out / "train.h5")
@@ -64,7 +52,7 @@ def test_extract_and_inspect_through_cli(tmp_path):
     assert store.attrs["weights"] == "none" and store.attrs["image_size"] == 32
     assert (out / "config.toml").read_text().count("[extract]") == 1
     # a second identical command finds the work done
-    again = invoke("extract", "--out", str(out), *sets("data.source=imagefolder", f"data.root={root}"))
+    again = invoke("extract", "--out", str(out), *tiny("data.source=imagefolder", f"data.root={root}"))
     assert again.exit_code == 0 and "complete already" in again.output
     shown = invoke("inspect", str(out / "test.h5"))
     assert shown.exit_code == 0, shown.output
@@ -103,7 +91,7 @@ def test_every_source_extracts(tmp_path, source):
 
 def test_limit_takes_a_seeded_subset(tmp_path):
     root = make_idx(tmp_path / "data", n_train=30, n_test=5)
-    args = sets("data.source=mnist", f"data.root={root}", 'data.splits=["train"]', "data.limit=7", "data.seed=3")
+    args = tiny("data.source=mnist", f"data.root={root}", 'data.splits=["train"]', "data.limit=7", "data.seed=3")
     assert invoke("extract", "--out", str(tmp_path / "a"), *args).exit_code == 0
     assert invoke("extract", "--out", str(tmp_path / "b"), *args).exit_code == 0
     a, b = open_store(tmp_path / "a" / "train.h5"), open_store(tmp_path / "b" / "train.h5")
@@ -118,7 +106,7 @@ def test_bad_images_are_skipped_and_recorded(tmp_path):
     good = (root / "c2" / "0002.png").read_bytes()
     (root / "c2" / "truncated.png").write_bytes(good[: len(good) // 2])
     out = tmp_path / "feats"
-    res = invoke("extract", "--out", str(out), *sets("data.source=imagefolder", f"data.root={root}"))
+    res = invoke("extract", "--out", str(out), *tiny("data.source=imagefolder", f"data.root={root}"))
     assert res.exit_code == 0, res.output
     assert "3 skipped (1 corrupt, 1 empty, 1 truncated)" in res.output
     store = open_store(out / "train.h5")
@@ -129,7 +117,7 @@ def test_bad_images_are_skipped_and_recorded(tmp_path):
     assert "c1/noise.jpg" in shown.output and "3 skipped" in shown.output
     # --strict stops at the first bad image with one line naming it
     res = invoke("extract", "--out", str(tmp_path / "strict"), "--strict",
-                 *sets("data.source=imagefolder", f"data.root={root}"))
+                 *tiny("data.source=imagefolder", f"data.root={root}"))
     assert res.exit_code == 1
     assert "c0/empty.png" in res.output and "empty" in res.output and "Traceback" not in res.output
 
@@ -137,19 +125,19 @@ def test_bad_images_are_skipped_and_recorded(tmp_path):
 def test_refusals_are_one_line(tmp_path):
     root = make_imagefolder(tmp_path / "data")
     out = tmp_path / "feats"
-    res = invoke("extract", "--out", str(out), *sets("data.source=imagefolder", f"data.root={tmp_path / 'nope'}"))
+    res = invoke("extract", "--out", str(out), *tiny("data.source=imagefolder", f"data.root={tmp_path / 'nope'}"))
     assert res.exit_code == 1 and "nope" in res.output and "Traceback" not in res.output
     res = invoke("extract", "--out", str(out), "--set", "extract.bogus=1")
     assert res.exit_code == 2 and "unknown key extract.bogus" in res.output
-    assert invoke("extract", "--out", str(out), *sets("data.source=imagefolder", f"data.root={root}")).exit_code == 0
+    assert invoke("extract", "--out", str(out), *tiny("data.source=imagefolder", f"data.root={root}")).exit_code == 0
     before = (out / "train.h5").read_bytes()
     # same output, other config: refused, store untouched
-    res = invoke("extract", "--out", str(out), *sets("data.source=imagefolder", f"data.root={root}",
+    res = invoke("extract", "--out", str(out), *tiny("data.source=imagefolder", f"data.root={root}",
                                                      "store.dtype=float32"))
     assert res.exit_code == 1 and "--overwrite" in res.output and "Traceback" not in res.output
     assert (out / "train.h5").read_bytes() == before
     res = invoke("extract", "--out", str(out), "--overwrite",
-                 *sets("data.source=imagefolder", f"data.root={root}", "store.dtype=float32"))
+                 *tiny("data.source=imagefolder", f"data.root={root}", "store.dtype=float32"))
     assert res.exit_code == 0 and open_store(out / "train.h5").dtype == "float32"
     res = invoke("inspect", str(tmp_path / "data"))
     assert res.exit_code == 1 and "is a folder" in res.output
@@ -181,7 +169,7 @@ def _extracted(stdout: str) -> int:
 def test_kill9_then_resume_gives_the_uninterrupted_store(tmp_path):
     root = varied_imagefolder(tmp_path / "data", 120, size=40)
     args = ["extract", "--no-progress", "--log-level", "debug",
-            *sets("data.source=imagefolder", f"data.root={root}", "extract.batch_size=2", "store.sync_seconds=0")]
+            *tiny("data.source=imagefolder", f"data.root={root}", "extract.batch_size=2", "store.sync_seconds=0")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
     subprocess.run(_cli(*args, "--out", str(full)), check=True, env=env, capture_output=True)
@@ -201,7 +189,7 @@ def test_kill9_then_resume_gives_the_uninterrupted_store(tmp_path):
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
     root = varied_imagefolder(tmp_path / "data", 60, size=40)
     args = ["extract", "--no-progress", "--log-level", "debug", "--out", str(tmp_path / "out"),
-            *sets("data.source=imagefolder", f"data.root={root}", "extract.batch_size=2", "store.sync_seconds=0")]
+            *tiny("data.source=imagefolder", f"data.root={root}", "extract.batch_size=2", "store.sync_seconds=0")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = _interrupt(_cli(*args), signal.SIGINT, after_commits=3, env=env)
     assert proc.returncode == 130, proc.stderr_rest
@@ -216,7 +204,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_gloo_ranks_join_into_one_store(tmp_path):
     root = varied_imagefolder(tmp_path / "data", 21)
-    args = ["extract", "--no-progress", *sets("data.source=imagefolder", f"data.root={root}")]
+    args = ["extract", "--no-progress", *tiny("data.source=imagefolder", f"data.root={root}")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"
     subprocess.run(_cli(*args, "--out", str(single)), check=True, env=env, capture_output=True)

@@ -9,18 +9,13 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
+from conftest import invoke
 from fixtures_data import class_color, write_image
 from mcpipe import importer
-from mcpipe.cli import app
 from mcpipe.store.reader import open_store, read_paths
 
 CLASSES = ["bird", "cat", "dog"]
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def make(tmp_path, n=90, dim=8, *, parts=1, seed=0, name="emb", dtype=np.float32, split_ids="s"):

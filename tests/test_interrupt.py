@@ -31,6 +31,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import mcpipe, sets
 from fixtures_data import make_noisy_colour_images
 from mcpipe.cli import app
 from mcpipe.errors import DataError
@@ -46,14 +47,6 @@ TIMINGS = {"seconds", "images_per_second"}
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def mcpipe(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mcpipe", *args]
-
-
-def sets(*items: str) -> list[str]:
-    return [a for item in items for a in ("--set", item)]
 
 
 def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from conftest import invoke
 from fixtures_data import make_imagefolder, make_noisy_colour_images
-from mcpipe.cli import app
 from mcpipe.errors import DataError
 from mcpipe.labels import read_label_file
 from mcpipe.store.reader import open_store
 
-runner = CliRunner()
 FAST = ["--set", "train.auto=false", "--set", "train.epochs=3", "--no-progress", "--log-level", "warning"]
 
 
@@ -39,10 +37,6 @@ def store_labels(feats: Path, path: Path, *, flip_every: int = 0, drop: tuple[in
         label = s.classes[(y + 1) % s.num_classes] if flip_every and i % flip_every == 0 else s.classes[y]
         rows.append([x, s.classes[y], "" if i in drop else label])
     return write_table(path, ["id", "given_label", "label"], rows)
-
-
-def invoke(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def scores(run: Path) -> dict[str, dict]:

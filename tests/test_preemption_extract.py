@@ -39,7 +39,8 @@ from mcpipe.locks import acquire, detach_in_children, keep_in_children, refuse_i
 from mcpipe.rundir import start_run_dir
 from mcpipe.stopping import EXIT_PREEMPTED, SAME_SIGNAL_SECONDS
 from mcpipe.store.writer import StoreSpec, StoreWriter
-from test_interrupt import ENV, TIMEOUT, assert_same_store, extracted, leftovers, mcpipe, sets
+from conftest import mcpipe, sets
+from test_interrupt import ENV, TIMEOUT, assert_same_store, extracted, leftovers
 
 SEED = int(os.environ.get("MCPIPE_FAULT_SEED", "14"))
 REPLAY = f"seed {SEED} (MCPIPE_FAULT_SEED={SEED} replays it)"

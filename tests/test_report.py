@@ -10,30 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
+from conftest import TINY, invoke, sets
 from fixtures_data import make_imagefolder
-from mcpipe.cli import app
 from mcpipe.report.collect import read_sweep
 from mcpipe.report.run import pivot
 from mcpipe.rundir import read_confusion
 
-runner = CliRunner()
-TINY = ["extract.backbone=resnet18", "extract.weights=none", "extract.image_size=32", "extract.batch_size=8",
-        "extract.device=cpu", "extract.num_workers=0"]
+TINY = (*TINY, "extract.batch_size=8")  # (a later key wins)
 HEAD = ["train.epochs=3", "train.lr_step=2", "train.batch_size=24", "cleaner.hidden=16", "train.device=cpu",
         "cleaner.score_repeats=2", "cleaner.knn_k=3", "noise.kind=symmetric"]
 CLASSES = ("cat", "dog", "owl")
-
-
-def sets(*items: str) -> list[str]:
-    return [a for s in items for a in ("--set", s)]
-
-
-def invoke(*args: str):
-    res = runner.invoke(app, list(args))
-    assert "Traceback" not in res.output, res.output
-    return res
 
 
 @pytest.fixture(scope="module")

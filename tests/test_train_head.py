@@ -12,9 +12,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from mcpipe.cli import app
+from conftest import invoke, sets
 from mcpipe.store.synthetic import write_synthetic_store
 
 FAST = ["train.epochs=3", "train.lr_step=2", "train.batch_size=64", "cleaner.hidden=16", "train.device=cpu",
@@ -22,21 +21,14 @@ FAST = ["train.epochs=3", "train.lr_step=2", "train.batch_size=64", "cleaner.hid
 FIXED = ["train.auto=false"]  # exactly the config given (the automatic search has its own tests)
 
 
-def sets(*items: str, fixed: bool = True) -> list[str]:
-    out = []
-    for s in (*FAST, *(FIXED if fixed else ()), *items):
-        out += ["--set", s]
-    return out
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
+def fast(*items: str, fixed: bool = True) -> list[str]:
+    return sets(*FAST, *(FIXED if fixed else ()), *items)
 
 
 def test_train_head_writes_a_complete_run(feats, tmp_path):
     out = tmp_path / "run"
     res = invoke("train-head", "--features", str(feats), "--out", str(out),
-                 *sets("noise.kind=symmetric", "noise.rate=0.3"))
+                 *fast("noise.kind=symmetric", "noise.rate=0.3"))
     assert res.exit_code == 0, res.output
     assert "MetaCleaner N = 4" in res.output and "test accuracy" in res.output
     m = json.loads((out / "metrics.json").read_text())
@@ -55,7 +47,7 @@ def test_train_head_writes_a_complete_run(feats, tmp_path):
 
 
 def test_same_config_same_numbers(feats, tmp_path):
-    args = sets("noise.kind=symmetric", "noise.rate=0.2")
+    args = fast("noise.kind=symmetric", "noise.rate=0.2")
     for name in ("a", "b"):
         assert invoke("train-head", "--features", str(feats), "--out", str(tmp_path / name), *args).exit_code == 0
     a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
@@ -70,7 +62,7 @@ def test_the_knn_graph_is_built_only_when_something_reads_it(tmp_path):
     feats = tmp_path / "feats"
     write_synthetic_store(feats / "train.h5", 300, 16, 3, seed=4, spread=1.0, split="train")
     cache = lambda: sorted(p.name for p in feats.glob("*.knn-*"))  # noqa: E731
-    args = sets("noise.kind=symmetric", "noise.rate=0.2")
+    args = fast("noise.kind=symmetric", "noise.rate=0.2")
     assert invoke("train-head", "--features", str(feats), "--out", str(tmp_path / "without"), *args,
                   "--set", "cleaner.knn_score=false").exit_code == 0
     assert cache() == []
@@ -92,7 +84,7 @@ def test_the_knn_graph_is_built_only_when_something_reads_it(tmp_path):
 def test_planted_noise_is_ranked_first(feats, tmp_path):
     out = tmp_path / "run"
     res = invoke("train-head", "--features", str(feats), "--out", str(out),
-                 *sets("noise.kind=symmetric", "noise.rate=0.3", "train.epochs=6"))
+                 *fast("noise.kind=symmetric", "noise.rate=0.3", "train.epochs=6"))
     assert res.exit_code == 0, res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["noise_detection_auroc"] > 0.85
@@ -101,24 +93,24 @@ def test_planted_noise_is_ranked_first(feats, tmp_path):
 
 def test_refusals(feats, tmp_path):
     out = tmp_path / "run"
-    res = invoke("train-head", "--features", str(feats), "--out", str(out), *sets("cleaner.subset_size=500"))
+    res = invoke("train-head", "--features", str(feats), "--out", str(out), *fast("cleaner.subset_size=500"))
     assert res.exit_code == 2 and "500" in res.output and "Traceback" not in res.output
-    res = invoke("train-head", "--features", str(feats), "--out", str(out), *sets("cleaner.weighting=magic"))
+    res = invoke("train-head", "--features", str(feats), "--out", str(out), *fast("cleaner.weighting=magic"))
     assert res.exit_code == 2 and "cleaner.weighting" in res.output and "relation" in res.output
     bad = tmp_path / "bad"
     bad.mkdir()
     write_synthetic_store(bad / "train.h5", 50, 8, 3, split="train")
     write_synthetic_store(bad / "test.h5", 50, 12, 3, split="test")
-    res = invoke("train-head", "--features", str(bad), "--out", str(out), *sets())
+    res = invoke("train-head", "--features", str(bad), "--out", str(out), *fast())
     assert res.exit_code == 1 and "feature dimension" in res.output
-    res = invoke("train-head", "--features", str(tmp_path / "none"), "--out", str(out), *sets())
+    res = invoke("train-head", "--features", str(tmp_path / "none"), "--out", str(out), *fast())
     assert res.exit_code == 1 and "not a folder" in res.output
     # a finished run is not overwritten without --overwrite
-    assert invoke("train-head", "--features", str(feats), "--out", str(out), *sets()).exit_code == 0
+    assert invoke("train-head", "--features", str(feats), "--out", str(out), *fast()).exit_code == 0
     before = (out / "metrics.json").read_bytes()
-    res = invoke("train-head", "--features", str(feats), "--out", str(out), *sets())
+    res = invoke("train-head", "--features", str(feats), "--out", str(out), *fast())
     assert res.exit_code == 1 and "already holds a run" in res.output
-    res = invoke("train-head", "--features", str(feats), "--out", str(out), "--resume", *sets("train.lr=0.5"))
+    res = invoke("train-head", "--features", str(feats), "--out", str(out), "--resume", *fast("train.lr=0.5"))
     assert res.exit_code == 2 and "config differs" in res.output
     assert (out / "metrics.json").read_bytes() == before
 
@@ -130,7 +122,7 @@ def test_kill_and_resume_gives_the_same_result(tmp_path):
     write_synthetic_store(feats / "train.h5", 20000, 64, 10, split="train")
     write_synthetic_store(feats / "test.h5", 500, 64, 10, split="test")
     args = [sys.executable, "-m", "mcpipe", "train-head", "--features", str(feats), "--no-progress",
-            *sets("train.epochs=8", "noise.kind=symmetric", "noise.rate=0.4")]
+            *fast("train.epochs=8", "noise.kind=symmetric", "noise.rate=0.4")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*args, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
     proc = subprocess.Popen([*args, "--out", str(tmp_path / "part")], env=env, stderr=subprocess.PIPE, text=True)
@@ -152,7 +144,7 @@ def test_kill_and_resume_gives_the_same_result(tmp_path):
 def test_sweep_runs_the_grid_once_loaded(feats, tmp_path):
     out = tmp_path / "sweep"
     res = invoke("sweep", "--features", str(feats), "--out", str(out),
-                 *sets("noise.kind=symmetric", "noise.rate=0.3", "sweep.cleaner.subset_size=[1, 2]",
+                 *fast("noise.kind=symmetric", "noise.rate=0.3", "sweep.cleaner.subset_size=[1, 2]",
                        'sweep.cleaner.weighting=["constant", "fc_fc_relu_sig"]'))
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -163,7 +155,7 @@ def test_sweep_runs_the_grid_once_loaded(feats, tmp_path):
     assert {(r["cleaner.subset_size"], r["cleaner.weighting"]) for r in rows} == {
         ("1", "constant"), ("1", "fc_fc_relu_sig"), ("2", "constant"), ("2", "fc_fc_relu_sig")}
     assert (out / "results.md").read_text().startswith("| chosen | cleaner.subset_size | cleaner.weighting |")
-    res = invoke("sweep", "--features", str(feats), "--out", str(tmp_path / "s2"), *sets())
+    res = invoke("sweep", "--features", str(feats), "--out", str(tmp_path / "s2"), *fast())
     assert res.exit_code == 2 and "[sweep] is empty" in res.output
 
 
@@ -183,7 +175,7 @@ def test_human_checks_count_where_the_true_label_is_unknown(tmp_path):
         f["clean_labels"][:] = -1
         f.create_dataset("verified", data=np.where(checked, (~wrong).astype(np.int8), -1).astype(np.int8))
     out = tmp_path / "run"
-    res = invoke("train-head", "--features", str(d), "--out", str(out), *sets("noise.kind=none"))
+    res = invoke("train-head", "--features", str(d), "--out", str(out), *fast("noise.kind=none"))
     assert res.exit_code == 0, res.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["detection"]["classifier"]["known"] == checked.sum()

@@ -32,11 +32,8 @@ from mcpipe.extract.sources import tar_shards
 from mcpipe.extract.sources.registry import available_splits, load_index
 from mcpipe.store.reader import open_store
 import test_interrupt
-from test_interrupt import assert_same_store, kill9_at, mcpipe, run
-
-TINY = ("extract.backbone=resnet18", "extract.weights=none", "extract.image_size=32", "extract.batch_size=4",
-        "extract.device=cpu", "extract.num_workers=0")
-
+from conftest import TINY, mcpipe
+from test_interrupt import assert_same_store, kill9_at, run
 
 @pytest.fixture(autouse=True)
 def scan_cache(tmp_path_factory, monkeypatch) -> Path:
