@@ -7,8 +7,10 @@ command as a subprocess argv, for tests that signal or kill it.
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +33,14 @@ def invoke(*args):
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert "Traceback" not in res.output, res.output
     return res
+
+
+def sweep_runs(sweep: Path) -> dict[tuple, Path]:
+    """A finished sweep's run folders by point, as its results.csv lists them: {(value, ...): folder}, the
+    values in the grid's key order, as written (e.g. ("0.4", "2") for noise.rate and cleaner.subset_size)."""
+    rows = list(csv.DictReader((Path(sweep) / "results.csv").read_text(encoding="utf-8").splitlines()))
+    keys = [k for k in rows[0] if "." in k]  # the grid's section.key columns
+    return {tuple(r[k] for k in keys): Path(sweep) / r["run"] for r in rows}
 
 
 def mcpipe(*args: str) -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, invoke, sets
+from conftest import TINY, invoke, sets, sweep_runs
 from fixtures_data import make_imagefolder
 from mcpipe.report.collect import read_sweep
 from mcpipe.report.run import pivot
@@ -76,7 +76,7 @@ def test_sweep_report_writes_every_figure(sweep):
     assert "open " + str(index) in res.output.replace("\n", "")
     # the printed pivot: one row per noise rate, one column per N, the runs' own numbers
     assert "noise.rate" in res.output and "N = 1 (softmax baseline)" in res.output and "N = 2" in res.output
-    metrics = json.loads((sweep / runs[3] / "metrics.json").read_text())  # rate=0.4, N = 2
+    metrics = json.loads((sweep_runs(sweep)[("0.4", "2")] / "metrics.json").read_text())
     assert f"{metrics['test_accuracy']:.4f} ({metrics['noise_detection_auroc']:.3f})" in res.output
 
 
@@ -84,12 +84,12 @@ def test_pivot_puts_each_run_in_its_cell(sweep):
     table = pivot(read_sweep(sweep))
     assert table.header[0] == "noise.rate" and len(table.rows) == 2 and [r[0] for r in table.rows] == ["0.0", "0.4"]
     assert table.header[1].startswith("N = 1") and table.header[2].startswith("N = 2")
-    m = json.loads((sweep / "002-rate=0.4,subset_size=1" / "metrics.json").read_text())
+    m = json.loads((sweep_runs(sweep)[("0.4", "1")] / "metrics.json").read_text())
     assert table.rows[1][1].startswith(f"{m['test_accuracy']:.4f}")
 
 
 def test_confusion_csv_matches_test_accuracy(sweep):
-    run = sweep / "003-rate=0.4,subset_size=2"
+    run = sweep_runs(sweep)[("0.4", "2")]
     counts, classes = read_confusion(run / "confusion.csv")
     m = json.loads((run / "metrics.json").read_text())
     assert classes == list(CLASSES) and counts.sum() == m["test_images"] == 36
@@ -97,7 +97,7 @@ def test_confusion_csv_matches_test_accuracy(sweep):
 
 
 def test_head_run_report_without_images_says_so(sweep, tmp_path):
-    run = sweep / "003-rate=0.4,subset_size=2"
+    run = sweep_runs(sweep)[("0.4", "2")]
     res = invoke("report", str(run), "--out", str(tmp_path / "r"), "--features", str(tmp_path / "nowhere"))
     assert res.exit_code == 0, res.output
     assert "suspect images not shown" in res.output and "nowhere" in res.output
