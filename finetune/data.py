@@ -61,21 +61,29 @@ class SubsetBatches(Sampler[list[tuple[int, int, int]]]):
     """Epoch ``epoch`` of a ``SubsetSampler``: flat K·N keys per batch (each subset's N rows together).
 
     With ``world`` processes, rank ``r`` takes batches r, r + world, ...: ranks draw disjoint
-    subsets, every rank the same number of batches (a last partial round is left out).
+    subsets, every rank the same number of batches (``steps``; a last partial round is left out).
+    ``start``: this rank's first ``start`` batches are skipped (a run resumed inside the epoch); their
+    keys are never made, so no image of theirs is read.
     """
 
-    def __init__(self, sampler: SubsetSampler, epoch: int, *, rank: int = 0, world: int = 1):
+    def __init__(self, sampler: SubsetSampler, epoch: int, *, rank: int = 0, world: int = 1, start: int = 0):
         self.sampler, self.epoch, self.rank, self.world = sampler, epoch, rank, world
+        self.start = _check_start(start, self.steps)
 
-    def __len__(self) -> int:
+    @property
+    def steps(self) -> int:
+        """Batches of the whole epoch on this rank."""
         return len(self.sampler) // self.world
 
+    def __len__(self) -> int:
+        return self.steps - self.start
+
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        stop = len(self) * self.world
+        stop = self.steps * self.world
         for b, rows in enumerate(self.sampler.epoch(self.epoch)):
             if b >= stop:
                 return
-            if b % self.world == self.rank:
+            if b % self.world == self.rank and b // self.world >= self.start:
                 flat = rows.reshape(-1)
                 base = b * flat.size
                 yield [(self.epoch, base + j, int(r)) for j, r in enumerate(flat)]
@@ -83,21 +91,36 @@ class SubsetBatches(Sampler[list[tuple[int, int, int]]]):
 
 class ShuffledBatches(Sampler[list[tuple[int, int, int]]]):
     """Plain batches of ``batch_size`` rows: a seeded permutation per epoch, the last partial batch left out,
-    shared between ranks like ``SubsetBatches``."""
+    shared between ranks and resumed at ``start`` like ``SubsetBatches``."""
 
-    def __init__(self, num_rows: int, batch_size: int, epoch: int, *, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, num_rows: int, batch_size: int, epoch: int, *, seed: int, rank: int = 0, world: int = 1,
+                 start: int = 0):
         self.num_rows, self.batch_size, self.epoch, self.seed = num_rows, batch_size, epoch, seed
         self.rank, self.world = rank, world
+        self.start = _check_start(start, self.steps)
+
+    @property
+    def steps(self) -> int:
+        """Batches of the whole epoch on this rank."""
+        return (self.num_rows // self.batch_size) // self.world
 
     def __len__(self) -> int:
-        return (self.num_rows // self.batch_size) // self.world
+        return self.steps - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.num_rows)
-        for i in range(len(self)):
+        for i in range(self.start, self.steps):
             b = i * self.world + self.rank
             rows = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield [(self.epoch, b * self.batch_size + j, int(r)) for j, r in enumerate(rows)]
+
+
+def _check_start(start: int, steps: int) -> int:
+    """``start`` batches done of ``steps``: a checkpoint of this epoch cannot say more than the epoch has."""
+    if not 0 <= start <= steps:
+        raise DataError(f"the checkpoint's position, batch {start}, is outside the epoch's {steps} batches; "
+                        "--overwrite to start again")
+    return start
 
 
 def collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -289,6 +289,9 @@ class FinetuneConfig:
     set: last."""
     workers: int = 2
     """DataLoader processes decoding images (0 = in the training process)."""
+    checkpoint_minutes: float = 10.0
+    """Minutes between checkpoints inside an epoch (checkpoint.pt, holding the position in the epoch, so --resume
+    continues from there), besides the one at each epoch's end; 0 = only at epochs' ends."""
     freeze_bn: bool = True
     """Keep the backbone's batch-norm statistics fixed (those the head's features were extracted with); false =
     update them from every batch."""
@@ -318,6 +321,8 @@ class FinetuneConfig:
                "a split name exactly when finetune.clean_epochs > 0")
         _check(0 < self.crop_scale <= 1, "finetune.crop_scale", self.crop_scale, "a number in (0, 1]")
         _check(0 <= self.val_fraction < 1, "finetune.val_fraction", self.val_fraction, "a number in [0, 1)")
+        _check(self.checkpoint_minutes >= 0, "finetune.checkpoint_minutes", self.checkpoint_minutes,
+               "a number >= 0 (0 = a checkpoint at each epoch's end only)")
         for key in ("train_split", "test_split", "clean_split"):
             _check(not self.val_split or self.val_split != getattr(self, key), "finetune.val_split", self.val_split,
                    f"a split other than finetune.{key} (validation must be neither trained on nor the test split); "

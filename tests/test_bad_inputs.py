@@ -616,9 +616,9 @@ def _(tmp, shared):
     """A checkpoint in our format whose model is another network (the data's classes changed since, say)."""
     keys = finetune_keys(shared.images)
     text = finetune_config(*keys)
-    ckpt = {"format": "mcpipe-finetune-checkpoint", "model": {"other.weight": torch.zeros(2)}, "optimizer": {},
-            "scheduler": {}, "epoch": 1, "phase": "cleaner", "history": [], "seconds": 1.0, "replaced": 0,
-            "config": text}
+    ckpt = {"format": "mcpipe-finetune-checkpoint", "version": 2, "model": {"other.weight": torch.zeros(2)},
+            "optimizer": {}, "scheduler": {}, "epoch": 1, "step": 0, "phase": "cleaner", "history": [], "start": None,
+            "seconds": 1.0, "replaced": 0, "partial": None, "partial_seconds": 0.0, "world": 1, "config": text}
     out = fake_finetune_run(tmp / "run", text, ckpt)
     return ["finetune", "--no-progress", "--out", str(out), "--resume", *sets(*keys)]
 

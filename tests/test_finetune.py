@@ -1,10 +1,13 @@
-"""mcpipe finetune: a training step on tiny images, phases, --head and its refusals, resume, DDP, sampling,
-and model selection on validation (a val split or a stratified hold-out), never on the test split."""
+"""mcpipe finetune: a training step on tiny images, phases, --head and its refusals, resume inside an epoch,
+sampling, and model selection on validation (a val split or a stratified hold-out), never on the test split.
+Two gloo processes (DDP): tests/test_preemption_finetune.py, whose uninterrupted torchrun run is checked as
+this file's was."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -177,47 +180,62 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "mcpipe", *args]
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(data, tmp_path):
-    extra = ("finetune.epochs=2", "finetune.unload_epochs=1")
-    base = _cli("finetune", "--no-progress", "--log-level", "warning", *settings(data, *extra))
-    subprocess.run(base + ["--out", str(tmp_path / "whole")], env=ENV, check=True, capture_output=True, timeout=300)
-    out = tmp_path / "cut"
-    args = base + ["--out", str(out)]
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+SEED = int(os.environ.get("MCPIPE_FAULT_SEED", "14"))  # the kill points below; MCPIPE_FAULT_SEED=<seed> replays
+
+
+def _killed(cmd: list[str], tmp: Path, point: str, count: int, delay: float, pause: float) -> None:
+    """``kill -9`` of ``cmd`` ``delay`` s after its ``count``-th pause at ``point`` (``mcpipe.faults``)."""
+    from test_preemption_extract import Proc
+
+    proc = Proc(cmd, tmp / f"logs-{point}", pause_at=point, pause=pause)
+    assert proc.read_until(f"test pause at {point}", count), proc.wait()[2][-3000:]
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def test_kill_9_inside_an_epoch_and_resume_equals_an_uninterrupted_run(data, tmp_path):
+    """``kill -9`` after a seeded step inside epoch 1 (checkpoint_minutes tiny: a checkpoint after every step),
+    then, resumed from there, during that epoch's evaluation or export (its last checkpoint: step 6 of 6, the
+    evaluation not yet done); resumed again, the run equals an uninterrupted one (checkpoint_minutes = 0):
+    history and metrics (timings aside), model.pt tensors bit for bit, confusion.csv."""
+    rng = random.Random(SEED)
+    replay = f"seed {SEED} (MCPIPE_FAULT_SEED={SEED} replays it)"
+    extra = ("finetune.epochs=2", "finetune.unload_epochs=1", "finetune.batch_size=4")  # 6 steps an epoch
+    base = _cli("finetune", "--no-progress", "--log-level", "warning", *settings(data, *extra))
+    whole = subprocess.Popen(base + ["--out", str(tmp_path / "whole"), "--set", "finetune.checkpoint_minutes=0"],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # alongside the others
+    out = tmp_path / "cut"
+    args = base + ["--out", str(out), "--set", "finetune.checkpoint_minutes=1e-9"]
+    step = rng.randint(2, 5)
+    _killed(args, tmp_path, "finetune_step", step, rng.uniform(0.0, 0.2), pause=0.3)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] < 3, "the run finished before it could be killed"
+    assert (ckpt["epoch"], ckpt["step"]) == (0, step - 1), replay  # step's own checkpoint follows its pause
+    point, delay = rng.choice(["finetune_evaluate", "finetune_export"]), rng.uniform(0.0, 0.4)
+    _killed(args + ["--resume"], tmp_path, point, 1, delay, pause=0.2)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    tried = f"{replay}: kill -9 at step {step} + {point} + {delay * 1000:.0f} ms -> epoch {ckpt['epoch']}, " \
+            f"step {ckpt['step']}"
+    assert (ckpt["epoch"], ckpt["step"]) >= (0, 6) and ckpt["epoch"] <= 1, tried  # or killed after epoch 1's end
     res = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    b = json.loads((out / "metrics.json").read_text())
-    strip = lambda h: [{k: v for k, v in r.items() if k not in ("images_per_second", "seconds")} for r in h]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
-    wa = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
-    wb = torch.load(out / "model.pt", weights_only=True)
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    res = finetune(data, out, "finetune.epochs=3", args=("--resume",))
+    assert res.returncode == 0, (tried, res.stderr[-2000:])
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-2000:]
+    whole.stderr.close()
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (tmp_path / "whole", out))
+    assert _timeless(a) == _timeless(b), tried
+    wa, wb = (torch.load(r / "model.pt", weights_only=True) for r in (tmp_path / "whole", out))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), tried
+    assert (tmp_path / "whole" / "confusion.csv").read_bytes() == (out / "confusion.csv").read_bytes(), tried
+    assert not list(out.glob(".*.tmp-*")), tried  # the killed writes' temporaries were cleared
+    print(tried)
+    res = finetune(data, out, *extra, "finetune.checkpoint_minutes=2", args=("--resume",))
     assert res.exit_code == 2 and "config differs" in res.output
 
 
-def test_two_gloo_processes(data, tmp_path):
-    out = tmp_path / "ddp"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "mcpipe", "finetune", "--no-progress", "--log-level", "warning", "--out", str(out),
-                          *settings(data, "finetune.unload_epochs=1", "finetune.batch_size=6")],
-                         env=ENV, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
-    assert [h["phase"] for h in m["history"]] == ["cleaner", "unload"]
-    assert m["history"][0]["test_images"] == 9  # the two test shards add up to the whole split
-    assert m["history"][0]["val_images"] == 12 and m["chosen_on"] == "val"  # and so do the two val shards
-    net, _ = load_model(out)
-    assert res.stdout.count("test top-1") == 1  # only rank 0 reports
+def _timeless(m: dict) -> dict:
+    """metrics.json without its timings (wall seconds, images per second)."""
+    return json.loads(json.dumps(m), object_hook=lambda d: {k: v for k, v in d.items()
+                                                            if k not in ("seconds", "images_per_second")})
 
 
 def test_ranks_draw_disjoint_batches_that_cover_a_single_process_epoch():

@@ -1,4 +1,4 @@
-"""train-head and sweep under SIGTERM, SIGUSR1 and kill -9: they stop resumably (exit 75, one line), --resume auto
+"""train-head and sweep under SIGTERM and kill -9: they stop resumably (exit 75, one line), --resume auto
 (or the same sweep command) continues, and the result equals an uninterrupted run's."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def big(tmp_path_factory) -> Path:
 def test_sigterm_stops_after_the_epoch_and_resume_auto_finishes_the_same_run(feats, tmp_path):
     ref = run("train-head", "--features", feats, "--out", tmp_path / "ref", *FIXED)
     assert ref.returncode == 0, ref.stderr
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM,):  # (SIGUSR1, the same handler: tests/test_preemption_finetune.py, _extract.py)
         out = tmp_path / sig.name
         proc = start("train-head", "--features", feats, "--out", out, *FIXED)
         wait_for(out, "checkpoint.pt", proc)

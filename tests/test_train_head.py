@@ -1,13 +1,10 @@
-"""mcpipe train-head and sweep on small synthetic stores: outputs, determinism, resume, planted noise, refusals."""
+"""mcpipe train-head and sweep on small synthetic stores: outputs, determinism, planted noise, refusals (kill -9 and
+resume: tests/test_interrupt.py, tests/test_preemption_head.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -113,32 +110,6 @@ def test_refusals(feats, tmp_path):
     res = invoke("train-head", "--features", str(feats), "--out", str(out), "--resume", *fast("train.lr=0.5"))
     assert res.exit_code == 2 and "config differs" in res.output
     assert (out / "metrics.json").read_bytes() == before
-
-
-@pytest.mark.slow
-def test_kill_and_resume_gives_the_same_result(tmp_path):
-    feats = tmp_path / "feats"
-    feats.mkdir()
-    write_synthetic_store(feats / "train.h5", 20000, 64, 10, split="train")
-    write_synthetic_store(feats / "test.h5", 500, 64, 10, split="test")
-    args = [sys.executable, "-m", "mcpipe", "train-head", "--features", str(feats), "--no-progress",
-            *fast("train.epochs=8", "noise.kind=symmetric", "noise.rate=0.4")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*args, "--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
-    proc = subprocess.Popen([*args, "--out", str(tmp_path / "part")], env=env, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if line.startswith("epoch 2/8"):
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "part" / "metrics.json").exists()
-    res = subprocess.run([*args, "--out", str(tmp_path / "part"), "--resume"], env=env, capture_output=True,
-                         text=True)
-    assert res.returncode == 0, res.stderr
-    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("full", "part"))
-    strip = lambda h: [{k: v for k, v in e.items() if k != "images_per_second"} for e in h]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
-    assert a["test_accuracy"] == b["test_accuracy"] and a["detection"] == b["detection"]
 
 
 def test_sweep_runs_the_grid_once_loaded(feats, tmp_path):
