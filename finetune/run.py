@@ -58,21 +58,21 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from mcpipe.atomic import write_json_atomic
+from mcpipe.cleaner.head_file import load_head
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.noise import noise_from_config
-from mcpipe.cleaner.head_file import load_head
 from mcpipe.cleaner.sampler import SubsetSampler
+from mcpipe.cleaner.split import stratified_holdout
 from mcpipe.config import Config, to_toml
 from mcpipe.devices import resolve_device
-from mcpipe.errors import ConfigError, DataError
-from mcpipe.labels import labels_toml, read_label_file
-from mcpipe.extract.backbones import build_backbone
 from mcpipe.distributed import DistInfo, barrier, init, shutdown
+from mcpipe.errors import ConfigError, DataError
+from mcpipe.extract.backbones import build_backbone
+from mcpipe.extract.data import ignore_stop_signals
 from mcpipe.extract.preprocess import Preprocess, preprocess_for, train_transform
 from mcpipe.extract.sources.base import SplitIndex
 from mcpipe.extract.sources.registry import available_splits, load_index
-from mcpipe.cleaner.split import stratified_holdout
-from mcpipe.extract.data import ignore_stop_signals
 from mcpipe.faults import pause_at
 from mcpipe.finetune import checkpoint
 from mcpipe.finetune.checkpoint import Checkpoint
@@ -82,9 +82,10 @@ from mcpipe.finetune.model import Net
 from mcpipe.finetune.schedule import phase_scheduler
 from mcpipe.finetune.train import (EpochState, evaluate, gather_partial, on_every_rank, resumed_state,
                                    train_epoch)
+from mcpipe.labels import labels_toml, read_label_file
 from mcpipe.loading import load_state_checked
 from mcpipe.progress import progress_bar
-from mcpipe.rundir import check_run_dir, start_run_dir, write_confusion, write_json_atomic
+from mcpipe.rundir import check_run_dir, start_run_dir, write_confusion
 from mcpipe.stopping import StopRequest, stop_on_signals
 
 log = logging.getLogger(__name__)

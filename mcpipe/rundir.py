@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcpipe.atomic import STALE, save_atomic, write_json_atomic, write_text_atomic  # noqa: F401 (re-exported)
+from mcpipe.atomic import STALE, write_text_atomic
 from mcpipe.errors import ConfigError, DataError, write_error
 from mcpipe.locks import OutputLock, acquire, refuse_if_locked
 
