@@ -43,6 +43,7 @@ def test_table_matches_config_names():
     assert set(BACKBONES) == set(typing.get_args(BackboneName))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet50", 2048), ("efficientnet_lite0", 1280)])
 def test_random_init_feature_dims(name, dim):
     before = torch.random.get_rng_state()
@@ -56,6 +57,7 @@ def test_random_init_feature_dims(name, dim):
     assert torch.equal(_features(again, _x()), out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrap", ["plain", "state_dict_key", "model_key_ddp", "without_fc"])
 def test_local_state_dict_round_trip(tmp_path, wrap):
     net = _resnet18_classifier()
@@ -80,6 +82,7 @@ def test_a_different_classifier_head_is_accepted(tmp_path):
     assert build_backbone("resnet18", str(tmp_path / "ten.pth"), image_size=64).feature_dim == 512
 
 
+@pytest.mark.slow
 def test_wrong_state_dicts_are_refused(tmp_path):
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
     with pytest.raises(DataError, match=r"does not fit the network: unexpected keys layer1\.2\."):

@@ -57,6 +57,7 @@ def finetune(root: Path, out: Path, *extra: str, args: tuple[str, ...] = ()):
                                *args, *settings(root, *extra)])
 
 
+@pytest.mark.slow
 def test_one_epoch_trains_evaluates_and_exports(data, tmp_path):
     res = finetune(data, tmp_path / "run")
     assert res.exit_code == 0, res.output
@@ -82,6 +83,7 @@ def test_one_epoch_trains_evaluates_and_exports(data, tmp_path):
     assert "test top-1" in res.output
 
 
+@pytest.mark.slow
 def test_unload_and_clean_phases_run_in_order(data, tmp_path):
     res = finetune(data, tmp_path / "run", "finetune.unload_epochs=1", "finetune.clean_split=val",
                    "finetune.clean_epochs=1", "finetune.freeze_epochs=1", "finetune.val_split=")
@@ -114,6 +116,7 @@ def _head_run(data: Path, tmp: Path, *extra: str) -> Path:
     return head
 
 
+@pytest.mark.slow
 def test_head_initialisation_and_its_refusals(data, tmp_path):
     head = _head_run(data, tmp_path)
     from mcpipe.finetune.run import _load_head
@@ -194,6 +197,7 @@ def _killed(cmd: list[str], tmp: Path, point: str, count: int, delay: float, pau
     proc.wait()
 
 
+@pytest.mark.slow
 def test_kill_9_inside_an_epoch_and_resume_equals_an_uninterrupted_run(data, tmp_path):
     """``kill -9`` after a seeded step inside epoch 1 (checkpoint_minutes tiny: a checkpoint after every step),
     then, resumed from there, during that epoch's evaluation or export (its last checkpoint: step 6 of 6, the
@@ -272,6 +276,7 @@ def test_an_unreadable_image_is_replaced_by_one_of_its_class(tmp_path):
     assert asked == row and read != row and index.labels[read] == index.labels[row]
 
 
+@pytest.mark.slow
 def test_runs_with_random_layers_repeat_exactly(data, tmp_path):
     """EfficientNet-Lite0 drops connections at random while training: two identical runs must still agree."""
     pytest.importorskip("efficientnet_lite_pytorch")
@@ -325,6 +330,7 @@ def test_validation_holds_out_given_labels_disjoint_from_training(data):
     assert named[0] is full and named[2].split == "val"  # a val split: nothing held out of training
 
 
+@pytest.mark.slow
 def test_held_out_images_are_never_trained_on(data, tmp_path, monkeypatch):
     import mcpipe.finetune.run as ft
 
@@ -373,6 +379,7 @@ def test_best_epoch_is_chosen_on_validation_not_test():
     assert none["test_accuracy"] == 0.4 and none["exported_epoch"] == 4
 
 
+@pytest.mark.slow
 def test_test_labels_do_not_change_what_is_chosen(data, tmp_path):
     """Poisoned test labels (every test image moved to the next class) change the test numbers only."""
     poisoned = tmp_path / "poisoned"

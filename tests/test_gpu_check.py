@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.slow  # the whole script runs: a minute
 
 NUMBER = r"([\d,]+(?:\.\d+)?)"
 STEP_LINES = {  # step -> its line; every group is a figure that must be positive

@@ -252,6 +252,7 @@ def _png_drawn(path):
         assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 5, path
 
 
+@pytest.mark.slow
 def test_image_paths_reach_the_report(tmp_path):
     """A path column -- relative to the labels file (here with ..) or absolute -- is kept in the store, and
     the report of a run on it draws the suspect images; without one it says in one line why it cannot."""

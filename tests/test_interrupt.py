@@ -356,6 +356,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_a_full_file_system_is_one_line_and_the_store_resumes(tmp_path):
     unshare = shutil.which("unshare")
     if unshare is None or not sys.platform.startswith("linux"):

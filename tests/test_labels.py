@@ -117,6 +117,7 @@ def test_flipped_and_dropped_rows_are_trained_as_the_file_says(feats, tmp_path):
     assert res.exit_code != 0 and "same config" in res.output and "Traceback" not in res.output, res.output
 
 
+@pytest.mark.slow
 def test_clean_round_trips_through_train_head_and_report(feats, tmp_path):
     flipped = store_labels(feats, tmp_path / "flipped.csv", flip_every=4)
     linear = [*FAST, "--set", "cleaner.subset_size=1", "--set", "train.epochs=10"]
@@ -168,6 +169,7 @@ def test_refusals_name_the_file_and_the_count(feats, tmp_path):
 IMG = ["--set", "extract.backbone=resnet18", "--set", "extract.weights=none", "--set", "extract.image_size=32"]
 
 
+@pytest.mark.slow
 def test_finetune_trains_on_the_files_labels(tmp_path):
     data = make_noisy_colour_images(tmp_path / "data", {"train": 6, "test": 2})
     from mcpipe.config import DataConfig
@@ -191,6 +193,7 @@ def test_finetune_trains_on_the_files_labels(tmp_path):
     assert "Traceback" not in res.output and not (tmp_path / "ft2" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_cleaned_label_file_is_a_manifest_for_extract(tmp_path):
     root = make_imagefolder(tmp_path / "imgs", classes=("cat", "dog"), per_class=6)
     quiet = ["--no-progress", "--log-level", "warning"]

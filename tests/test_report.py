@@ -55,6 +55,7 @@ def referenced(index: Path) -> set[str]:
     return set(re.findall(r'<img src="([^"]+)"', index.read_text()))
 
 
+@pytest.mark.slow
 def test_sweep_report_writes_every_figure(sweep):
     res = invoke("report", str(sweep), "--log-level", "warning")
     assert res.exit_code == 0, res.output
@@ -96,6 +97,7 @@ def test_confusion_csv_matches_test_accuracy(sweep):
     assert np.trace(counts) / counts.sum() == pytest.approx(m["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_head_run_report_without_images_says_so(sweep, tmp_path):
     run = sweep_runs(sweep)[("0.4", "2")]
     res = invoke("report", str(run), "--out", str(tmp_path / "r"), "--features", str(tmp_path / "nowhere"))
@@ -107,6 +109,7 @@ def test_head_run_report_without_images_says_so(sweep, tmp_path):
     assert "suspect images not shown" in (tmp_path / "r" / "index.html").read_text()
 
 
+@pytest.mark.slow
 def test_finetune_run_report(data, tmp_path):
     out = tmp_path / "ft"
     res = invoke("finetune", "--out", str(out), "--log-level", "warning", "--no-progress",

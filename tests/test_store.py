@@ -133,6 +133,7 @@ def _hold_open(path, ready, release):
     w.close()
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused(tmp_path):
     path = tmp_path / "s.h5"
     ctx = mp.get_context("spawn")

@@ -393,6 +393,7 @@ def folder_and_shards(tmp_path_factory):
     return images, shards
 
 
+@pytest.mark.slow
 def test_extract_gives_the_features_of_the_same_images_in_an_imagefolder(folder_and_shards, tmp_path):
     images, shards = folder_and_shards
     res = extract(tmp_path / "wds", shards)
