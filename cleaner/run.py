@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mcpipe.atomic import save_atomic, write_json_atomic
 from mcpipe.cleaner import knn
 from mcpipe.cleaner.auto import Candidate, Search, linear_head, search, train_cleaner
 from mcpipe.cleaner.linear import fit_linear_heads, probabilities
@@ -37,7 +38,7 @@ from mcpipe.errors import ConfigError, DataError
 from mcpipe.labels import LabelFile, labels_toml, read_label_file
 from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
-from mcpipe.atomic import save_atomic, write_json_atomic
+from mcpipe.records import HeadEpoch, stamped
 from mcpipe.rundir import start_run_dir
 from mcpipe.stopping import StopRequest, stop_on_signals
 from mcpipe.store.reader import FeatureStore, open_store, read_features
@@ -326,7 +327,7 @@ def train_head(cfg: Config, prep: Prepared, out: str | Path, *, resume: bool = F
             found = None
         metrics = finish(cfg, prep, head, out, labels, graph, history, fit_rows, val, found)
         metrics["seconds"] = time.perf_counter() - start
-        write_json_atomic(metrics, out / "metrics.json")
+        write_json_atomic(stamped(metrics), out / "metrics.json")
     return metrics
 
 
@@ -362,9 +363,9 @@ def _fixed(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.n
                                 on_batch=lambda k, loss: bar.update(task, advance=k,
                                                                     description=f"{label} loss {loss:.3f}"))
         scheduler.step()
-        row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": optimizer.param_groups[0]["lr"],
-               "images_per_second": stats["images"] / max(stats["seconds"], 1e-9),
-               **_scored(prep, val, lambda x: predict(head, x)[0])}
+        row = HeadEpoch(epoch + 1, stats["loss"], optimizer.param_groups[0]["lr"],
+                        stats["images"] / max(stats["seconds"], 1e-9),
+                        **_scored(prep, val, lambda x: predict(head, x)[0])).to_dict()
         history.append(row)
         save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
@@ -399,7 +400,7 @@ def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.nd
              "candidates in %.1f s", choice.name, choice.val_score, choice.val_accuracy, choice.best_epoch,
              len(found.candidates), found.seconds)
     if not cfg.train.refit or val.rows is None:  # a val.h5 store is not training data: nothing to refit on
-        history = [{"epoch": e + 1, "val_accuracy": a} for e, a in enumerate(choice.val_curve[:choice.best_epoch])]
+        history = [HeadEpoch(e + 1, val_accuracy=a).to_dict() for e, a in enumerate(choice.val_curve[:choice.best_epoch])]
         return found.head, history, found
     with stop.at_once(f"the search is saved in {out / 'checkpoint.pt'}, the refit is redone on resume"):
         return _refit(cfg, prep, found, fit_rows, val, graph, mean, std)
@@ -417,8 +418,8 @@ def _refit(cfg: Config, prep: Prepared, found: Search, fit_rows: np.ndarray, val
         m, s = found.head.mean, found.head.std
 
         def on_linear_epoch(epoch, weight, bias, loss):
-            history.append({"epoch": epoch + 1, "loss": float(loss[0]), **_scored(
-                prep, None, lambda x: probabilities(x, weight, bias, m, s)[:, 0].argmax(1))})
+            history.append(HeadEpoch(epoch + 1, float(loss[0]), **_scored(
+                prep, None, lambda x: probabilities(x, weight, bias, m, s)[:, 0].argmax(1))).to_dict())
 
         fits = fit_linear_heads(prep.train_x, everything, found.labels[everything][None],
                                 found.weights[everything][None],
@@ -430,7 +431,7 @@ def _refit(cfg: Config, prep: Prepared, found: Search, fit_rows: np.ndarray, val
     sampler = _sampler(point, found.labels, everything, graph)
 
     def on_epoch(epoch, h, loss):
-        history.append({"epoch": epoch + 1, "loss": loss, **_scored(prep, None, lambda x: predict(h, x)[0])})
+        history.append(HeadEpoch(epoch + 1, loss, **_scored(prep, None, lambda x: predict(h, x)[0])).to_dict())
 
     head, _, _ = train_cleaner(point, head, prep.train_x, torch.from_numpy(found.labels).to(prep.device), sampler,
                                epochs=choice.best_epoch, val=None, on_epoch=on_epoch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -87,6 +88,17 @@ def test_pivot_puts_each_run_in_its_cell(sweep):
     assert table.header[1].startswith("N = 1") and table.header[2].startswith("N = 2")
     m = json.loads((sweep_runs(sweep)[("0.4", "1")] / "metrics.json").read_text())
     assert table.rows[1][1].startswith(f"{m['test_accuracy']:.4f}")
+
+
+def test_metrics_carry_their_format_version_and_a_newer_one_is_refused(sweep, tmp_path):
+    run = sweep_runs(sweep)[("0.4", "2")]
+    assert json.loads((run / "metrics.json").read_text())["format_version"] == 1
+    newer = tmp_path / "newer"
+    shutil.copytree(run, newer)
+    m = json.loads((newer / "metrics.json").read_text())
+    (newer / "metrics.json").write_text(json.dumps({**m, "format_version": 2}))
+    res = invoke("report", str(newer), "--out", str(tmp_path / "r"))
+    assert res.exit_code == 1 and "has format version 2, this mcpipe reads 1" in res.output, res.output
 
 
 def test_confusion_csv_matches_test_accuracy(sweep):

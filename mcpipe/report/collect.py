@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mcpipe.errors import DataError
+from mcpipe.records import METRICS_FORMAT
 from mcpipe.rundir import read_confusion
 
 
@@ -94,6 +95,9 @@ def read_run(path: Path) -> Run:
     metrics = _read_json(path / "metrics.json")
     if not isinstance(metrics.get("history"), list):
         raise DataError(f"{path / 'metrics.json'} has no training history: not written by mcpipe")
+    if metrics.get("format_version", METRICS_FORMAT) > METRICS_FORMAT:  # (older files have no version: 1)
+        raise DataError(f"{path / 'metrics.json'} has format version {metrics['format_version']}, this mcpipe "
+                        f"reads {METRICS_FORMAT}: report it with the mcpipe that wrote it")
     config, text = _read_toml(path / "config.toml")
     confusion = read_confusion(path / "confusion.csv") if (path / "confusion.csv").is_file() else None
     scores = path / "scores.csv" if (path / "scores.csv").is_file() else None

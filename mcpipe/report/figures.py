@@ -13,6 +13,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from mcpipe.records import Epoch, read_history
+
 DPI = 110
 CLEAN, FLIPPED, UNKNOWN = "#2b8a3e", "#c92a2a", "#868e96"
 
@@ -96,16 +98,17 @@ def score_histograms(panels: list[ScorePanel], path: Path) -> Path:
 def training_curves(history: list[dict], path: Path) -> Path:
     """Training loss and accuracy per epoch (validation and test); the best epoch, chosen on validation top-1
     only, marked; finetune phases shaded and named. Runs without validation keys get no best-epoch mark."""
-    epochs = [h["epoch"] for h in history]
+    rows = read_history(history)
+    epochs = [h.epoch for h in rows]
     style = "o-" if len(epochs) <= 30 else "-"
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [h.get("loss", float("nan")) for h in history], style, color="#1c7ed6")
+    loss_ax.plot(epochs, [np.nan if h.loss is None else h.loss for h in rows], style, color="#1c7ed6")
     loss_ax.set(title="Training loss", xlabel="epoch", ylabel="cross-entropy (given noisy labels)")
-    validated = _accuracy_curves(acc_ax, history, style)
+    validated = _accuracy_curves(acc_ax, rows, style)
     acc_ax.set(title="Validation and test accuracy" if validated else "Test accuracy", xlabel="epoch",
                ylabel="top-1 accuracy (%)" if validated else "test accuracy (%)")
-    phases = [h.get("phase") for h in history]
+    phases = [h.phase for h in rows]
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
@@ -118,35 +121,30 @@ def training_curves(history: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _first(h: dict, *keys: str) -> float | None:
-    return next((h[k] for k in keys if h.get(k) is not None), None)
-
-
-def _accuracy_curves(ax, history: list[dict], style: str) -> bool:  # noqa: ANN001 - matplotlib Axes
+def _accuracy_curves(ax, rows: list[Epoch], style: str) -> bool:  # noqa: ANN001 - matplotlib Axes
     """Test top-1/top-5, validation top-1 (given and clean labels) per epoch, and the best epoch by validation
     top-1 (ties: the earlier); True when the history has validation numbers."""
-    tested = [h for h in history if _first(h, "test_accuracy", "test_top1") is not None]
-    validated = [h for h in history if _first(h, "val_accuracy", "val_top1") is not None]
+    tested = [h for h in rows if h.test_top1 is not None]
+    validated = [h for h in rows if h.val_top1 is not None]
     if not tested and not validated:
         ax.text(0.5, 0.5, "no validation or test split: accuracy not measured", ha="center", va="center",
                 transform=ax.transAxes)
         return False
-    curves = (("test top-1", tested, ("test_accuracy", "test_top1"), "#e8590c", style),
-              ("test top-5", tested, ("test_top5",), "#9c36b5", style.replace("o", "s") + "-"),
-              ("val top-1, given labels", validated, ("val_accuracy", "val_top1"), "#0c8599", style),
-              ("val top-1, clean labels", validated, ("val_clean_top1",), "#0c8599", style.replace("-", ":")))
-    for name, rows, keys, colour, line in curves:
-        values = [100 * v if (v := _first(h, *keys)) is not None else np.nan for h in rows]
-        if rows and not np.isnan(values).all():
-            ax.plot([h["epoch"] for h in rows], values, line, color=colour, label=f"{name} (last {values[-1]:.2f}%)")
+    curves = (("test top-1", tested, lambda h: h.test_top1, "#e8590c", style),
+              ("test top-5", tested, lambda h: h.test_top5, "#9c36b5", style.replace("o", "s") + "-"),
+              ("val top-1, given labels", validated, lambda h: h.val_top1, "#0c8599", style),
+              ("val top-1, clean labels", validated, lambda h: h.val_clean_top1, "#0c8599", style.replace("-", ":")))
+    for name, chosen, value, colour, line in curves:
+        values = [100 * v if (v := value(h)) is not None else np.nan for h in chosen]
+        if chosen and not np.isnan(values).all():
+            ax.plot([h.epoch for h in chosen], values, line, color=colour, label=f"{name} (last {values[-1]:.2f}%)")
     if validated:
-        best = max(validated, key=lambda h: _first(h, "val_accuracy", "val_top1"))  # first of equals: earlier
-        test = _first(best, "test_accuracy", "test_top1")
-        ax.axvline(best["epoch"], color="black", linestyle="--", linewidth=1,
-                   label=f"best epoch by val top-1: {best['epoch']}"
-                         + ("" if test is None else f" (test top-1 there {100 * test:.2f}%)"))
-        ax.plot([best["epoch"]], [100 * _first(best, "val_accuracy", "val_top1")], "*", markerfacecolor="none",
-                markeredgecolor="black", markersize=16)
+        best = max(validated, key=lambda h: h.val_top1)  # first of equals: the earlier
+        ax.axvline(best.epoch, color="black", linestyle="--", linewidth=1,
+                   label=f"best epoch by val top-1: {best.epoch}"
+                         + ("" if best.test_top1 is None else f" (test top-1 there {100 * best.test_top1:.2f}%)"))
+        ax.plot([best.epoch], [100 * best.val_top1], "*", markerfacecolor="none", markeredgecolor="black",
+                markersize=16)
     ax.legend(fontsize="small", loc="best")
     return bool(validated)
 
