@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcpipe.atomic import save_atomic, write_json_atomic
-from mcpipe.cleaner import knn
-from mcpipe.cleaner.auto import Candidate, Search, linear_head, search, train_cleaner
+from mcpipe.atomic import write_json_atomic
+from mcpipe.cleaner import checkpoint, knn
+from mcpipe.cleaner.auto import Search, linear_head, search, train_cleaner
 from mcpipe.cleaner.linear import fit_linear_heads, probabilities
 from mcpipe.cleaner.metrics import accuracy
 from mcpipe.cleaner.model import Head
@@ -36,7 +36,6 @@ from mcpipe.config import Config, config_from_dict, replace, to_toml
 from mcpipe.devices import resolve_device
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.labels import LabelFile, labels_toml, read_label_file
-from mcpipe.loading import load_problem, load_state_checked
 from mcpipe.progress import progress_bar
 from mcpipe.records import HeadEpoch, stamped
 from mcpipe.rundir import start_run_dir
@@ -47,7 +46,6 @@ log = logging.getLogger(__name__)
 
 RUN_SECTIONS = ("noise", "cleaner", "train")
 VAL_SPLITS = ("val", "verified_val")  # stores chosen on, when beside train.h5 (imagefolder/Clothing1M, Food-101N)
-_CHECKPOINT_KEYS = {"head", "optimizer", "scheduler", "epoch", "history", "config"}
 _RUN_FILES = ("config.toml", "checkpoint.pt", "head.pt", "metrics.json", "scores.csv", "confusion.csv")
 
 
@@ -188,39 +186,6 @@ def _new_head(cfg: Config, prep: Prepared, mean: torch.Tensor | None, std: torch
     return head.to(prep.device)
 
 
-def _search_state(found: Search) -> dict:
-    """The search as a checkpoint: plain tensors and lists (``weights_only`` loading)."""
-    return {"candidates": [c.record() for c in found.candidates], "chosen": found.chosen,
-            "head": found.head.state_dict(), "labels": torch.from_numpy(found.labels),
-            "weights": torch.from_numpy(found.weights), "seconds": found.seconds,
-            "probs": None if found.probs is None else torch.from_numpy(found.probs),
-            "issues": None if found.issues is None else torch.from_numpy(found.issues),
-            "gain": None if found.gain is None else torch.from_numpy(found.gain)}
-
-
-def _read_search(path: Path, device: torch.device, cfg: Config, prep: Prepared, mean, std) -> Search | None:
-    """The finished search of an auto run's checkpoint, or None when it was stopped before the search ended."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or pickled objects weights_only refuses
-        raise DataError(f"--resume: {path} cannot be read: {load_problem(exc)}") from None
-    if not isinstance(ckpt, dict) or "search" not in ckpt:
-        raise DataError(f"--resume: {path} is not an mcpipe train-head checkpoint of an automatic run "
-                        "(train.auto; expected the key search)")
-    state = ckpt["search"]
-    if state is None:
-        return None
-    candidates = [Candidate(**c) for c in state["candidates"]]
-    chosen = candidates[state["chosen"]]
-    head = _new_head(replace(cfg, "cleaner", subset_size=chosen.subset_size), prep, mean, std)
-    load_state_checked(head, state["head"], what=f"--resume: {path}",
-                       hint="it was trained on other features; resume on the store it started from, or --overwrite")
-    as_np = lambda t: None if t is None else t.cpu().numpy()  # noqa: E731
-    log.info("resuming %s after its search", path.parent)
-    return Search(candidates, state["chosen"], head, as_np(state["labels"]), as_np(state["weights"]),
-                  as_np(state["probs"]), as_np(state["issues"]), as_np(state["gain"]), state["seconds"])
-
-
 def run_config_text(cfg: Config, store: FeatureStore, sections: tuple[str, ...] = ("store", *RUN_SECTIONS)) -> str:
     """A head run's ``config.toml``: ``[data]``/``[extract]`` as the feature store recorded them, then ``sections``.
 
@@ -350,7 +315,7 @@ def _fixed(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.n
     history: list[dict] = []
     first_epoch = 0
     if resume:
-        history, first_epoch = _resume(out / "checkpoint.pt", prep.device, head, optimizer, scheduler)
+        history, first_epoch = checkpoint.load_epoch(out / "checkpoint.pt", prep.device, head, optimizer, scheduler)
         log.info("resuming %s after epoch %d", out, first_epoch)
     given_t = torch.from_numpy(given).to(prep.device)
     n = cfg.cleaner.subset_size
@@ -367,9 +332,8 @@ def _fixed(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.n
                         stats["images"] / max(stats["seconds"], 1e-9),
                         **_scored(prep, val, lambda x: predict(head, x)[0])).to_dict()
         history.append(row)
-        save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                     "config": config_text}, out / "checkpoint.pt")
+        checkpoint.save_epoch(out / "checkpoint.pt", head, optimizer, scheduler, epoch=epoch, history=history,
+                              config=config_text)
         log.info("epoch %d/%d: loss %.4f%s%s, %.0f img/s", epoch + 1, t.epochs, row["loss"],
                  f", validation accuracy {row['val_accuracy']:.4f}" if "val_accuracy" in row else "",
                  f", test accuracy {row['test_accuracy']:.4f}" if "test_accuracy" in row else "",
@@ -382,9 +346,12 @@ def _fixed(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.n
 def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.ndarray, fit_rows: np.ndarray,
           val: Validation, graph, mean, std, *, resume: bool, bar, stop: StopRequest) -> tuple[Head, list[dict], Search]:
     """``train.auto``: the search (or its checkpoint), then the chosen configuration refitted on all rows."""
-    found = _read_search(out / "checkpoint.pt", prep.device, cfg, prep, mean, std) if resume else None
-    if found is None:
-        save_atomic({"config": config_text, "search": None}, out / "checkpoint.pt")  # --resume works from here on
+    found = checkpoint.load_search(out / "checkpoint.pt", prep.device, lambda n: _new_head(
+        replace(cfg, "cleaner", subset_size=n), prep, mean, std)) if resume else None
+    if found is not None:
+        log.info("resuming %s after its search", out)
+    else:
+        checkpoint.save_search(out / "checkpoint.pt", None, config=config_text)  # --resume works from here on
         task = bar.add_task("train-head: choosing on validation", total=None)
         if mean is None:
             mean, std = torch.zeros(prep.train.feature_dim), torch.ones(prep.train.feature_dim)
@@ -394,7 +361,7 @@ def _auto(cfg: Config, prep: Prepared, out: Path, config_text: str, given: np.nd
                            std=std.to(prep.device), new_head=lambda c: _new_head(c, prep, mean, std),
                            cleaner_sampler=lambda c: _sampler(c, given, fit_rows, graph), val_clean=val.clean)
         bar.update(task, total=1, completed=1)
-        save_atomic({"config": config_text, "search": _search_state(found)}, out / "checkpoint.pt")
+        checkpoint.save_search(out / "checkpoint.pt", found, config=config_text)
     choice = found.choice
     log.info("chose %s: validation score %.4f (accuracy against the given labels %.4f) at epoch %d, of %d "
              "candidates in %.1f s", choice.name, choice.val_score, choice.val_accuracy, choice.best_epoch,
@@ -436,25 +403,6 @@ def _refit(cfg: Config, prep: Prepared, found: Search, fit_rows: np.ndarray, val
     head, _, _ = train_cleaner(point, head, prep.train_x, torch.from_numpy(found.labels).to(prep.device), sampler,
                                epochs=choice.best_epoch, val=None, on_epoch=on_epoch)
     return head, history, found
-
-
-def _resume(path: Path, device: torch.device, head: Head, optimizer, scheduler) -> tuple[list[dict], int]:
-    """Load the checkpoint at ``path`` into ``head``, ``optimizer`` and ``scheduler``; (history, next epoch).
-
-    DataError for a file that is unreadable, not a train-head checkpoint, or of a head
-    that does not fit these features (another dimension or class count)."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or pickled objects weights_only refuses
-        raise DataError(f"--resume: {path} cannot be read: {load_problem(exc)}") from None
-    if not isinstance(ckpt, dict) or not _CHECKPOINT_KEYS <= ckpt.keys():
-        raise DataError(f"--resume: {path} is not an mcpipe train-head checkpoint "
-                        f"(expected the keys {', '.join(sorted(_CHECKPOINT_KEYS))})")
-    load_state_checked(head, ckpt["head"], what=f"--resume: {path}",
-                       hint="it was trained on other features; resume on the store it started from, or --overwrite")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    return ckpt["history"], ckpt["epoch"] + 1
 
 
 def run(cfg: Config, *, features: str | Path, out: str | Path, resume: bool = False, overwrite: bool = False,
