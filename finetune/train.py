@@ -1,4 +1,5 @@
-"""One training epoch and the evaluation of a split, for ``mcpipe finetune``'s run loop.
+"""One training epoch (``train_epoch``, given a phase's ``Training``: model, optimiser, schedule, labels) and
+the evaluation of a split (``evaluate``), for ``mcpipe finetune``'s run loop (``mcpipe.finetune.loop``).
 
 Both work under ``torchrun`` as on one process: the training loss, the image
 counts and the evaluation counts are all-reduced, so every rank returns the
@@ -48,22 +49,33 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0])
 
 
-def train_epoch(model: torch.nn.Module, net: Net, loader: DataLoader, labels: torch.Tensor, state: EpochState, *,
-                cleaner: bool, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, device: torch.device, amp: bool,
-                info: DistInfo, seed: int, on_batch: Callable[[int, str], None],
-                after_step: Callable[[EpochState], None] = lambda state: None) -> dict:
-    """The rest of an epoch: the batches of ``loader`` (``(images, rows, rows read)``, from ``state.step`` on);
-    ``labels`` (N,) indexed by row.
+@dataclass
+class Training:
+    """What every step of a phase uses besides its batch (made by the run loop when a phase begins)."""
 
-    ``model`` is ``net`` or its DistributedDataParallel wrapper. With ``cleaner`` every K·N batch is K
-    subsets of N images of one label each. ``state`` is brought up to date after every step, then
-    ``after_step(state)`` runs (the run loop's checkpoints and stops; it may raise). Returns {"loss" (mean over
-    batches), "images_per_second", "replaced" (unreadable images read in place of others)} of the whole
-    epoch, summed over processes.
+    net: Net
+    model: torch.nn.Module  # ``net`` or its DistributedDataParallel wrapper (re-made when what trains changes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # stepped after every optimiser step
+    labels: torch.Tensor  # (N,) the given label of every row trained on, on ``device``
+    cleaner: bool  # every K·N batch is K subsets of N images of one label each, through the cleaner
+    device: torch.device
+    amp: bool  # bf16 autocast
+    info: DistInfo
+    seed: int  # finetune.seed: with (epoch, step, rank), the seed of each step's random layers
+
+
+def train_epoch(t: Training, loader: DataLoader, state: EpochState, *, on_batch: Callable[[int, str], None],
+                after_step: Callable[[EpochState], None] = lambda state: None) -> dict:
+    """The rest of an epoch: the batches of ``loader`` (``(images, rows, rows read)``, from ``state.step`` on).
+
+    ``state`` is brought up to date after every step, then ``after_step(state)`` runs (the run loop's
+    checkpoints and stops; it may raise). Returns {"loss" (mean over batches), "images_per_second",
+    "replaced" (unreadable images read in place of others)} of the whole epoch, summed over processes.
     """
-    net.train()
-    n = net.head.cleaner.subset_size
+    device = t.device
+    t.net.train()
+    n = t.net.head.cleaner.subset_size
     state.loss = state.loss.to(device)
     start, seconds_before = time.perf_counter(), state.seconds
     for images, rows, read in loader:
@@ -72,15 +84,15 @@ def train_epoch(model: torch.nn.Module, net: Net, loader: DataLoader, labels: to
             images = images.contiguous(memory_format=torch.channels_last)
         swapped = int((read != rows).sum())  # on the host copies: no wait for the device
         rows = rows.to(device, non_blocking=True)
-        y = labels[rows.view(-1, n)[:, 0]] if cleaner else labels[rows]
-        torch.manual_seed(step_seed(seed, state.epoch, state.step, info.rank))  # after the batch is read
-        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            loss = model(images, y, cleaner=cleaner)
-        optimizer.zero_grad(set_to_none=True)
+        y = t.labels[rows.view(-1, n)[:, 0]] if t.cleaner else t.labels[rows]
+        torch.manual_seed(step_seed(t.seed, state.epoch, state.step, t.info.rank))  # after the batch is read
+        with torch.autocast(device.type, dtype=torch.bfloat16) if t.amp else contextlib.nullcontext():
+            loss = t.model(images, y, cleaner=t.cleaner)
+        t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        t.optimizer.step()
+        if t.scheduler is not None:
+            t.scheduler.step()
         state.loss += loss.detach()  # no wait for the device either
         state.step += 1
         state.images += len(images)
@@ -88,12 +100,12 @@ def train_epoch(model: torch.nn.Module, net: Net, loader: DataLoader, labels: to
         state.seconds = seconds_before + time.perf_counter() - start
         if state.step % 4 == 0 or device.type == "cpu":
             on_batch(len(images) * (4 if device.type != "cpu" else 1), f"loss {float(loss.detach()):.3f} "
-                     f"lr {optimizer.param_groups[-1]['lr']:.2g}")
+                     f"lr {t.optimizer.param_groups[-1]['lr']:.2g}")
         after_step(state)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # queued kernels belong to this epoch's time
     state.seconds = seconds_before + time.perf_counter() - start
-    return _epoch_stats(state, info, device)
+    return _epoch_stats(state, t.info, device)
 
 
 def _epoch_stats(state: EpochState, info: DistInfo, device: torch.device) -> dict:

@@ -9,9 +9,9 @@ points; the fault-injection tests kill it during the sleep. The points:
 * ``store_complete``: every row of a store is committed, ``complete`` not yet set (``store/writer.py``)
 * ``head_export``: train-head's last epoch is saved and scores.csv written, head.pt not yet (``cleaner/outputs.py``)
 * ``sweep_results``: every point finished, results.csv written, results.md not yet (``cleaner/sweep.py``)
-* ``finetune_step``: a training step is done, its checkpoint (if one is due) not yet written (``finetune/run.py``)
-* ``finetune_evaluate``: an epoch is trained, its evaluation not begun (``finetune/run.py``)
-* ``finetune_export``: the best epoch's model is about to be exported (``finetune/run.py``)
+* ``finetune_step``: a training step is done, its checkpoint (if one is due) not yet written (``finetune/loop.py``)
+* ``finetune_evaluate``: an epoch is trained, its evaluation not begun (``finetune/loop.py``)
+* ``finetune_export``: the best epoch's model is about to be exported (``finetune/loop.py``)
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ from mcpipe.extract.sources.registry import available_splits
 from mcpipe.cleaner.split import stratified_holdout
 from mcpipe.finetune.data import ShuffledBatches, SubsetBatches, TrainImages
 from mcpipe.finetune.export import load_model
-from mcpipe.finetune.run import _metrics, _validation
+from mcpipe.finetune.loop import _metrics
+from mcpipe.finetune.run import _validation
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -332,7 +333,7 @@ def test_validation_holds_out_given_labels_disjoint_from_training(data):
 
 @pytest.mark.slow
 def test_held_out_images_are_never_trained_on(data, tmp_path, monkeypatch):
-    import mcpipe.finetune.run as ft
+    import mcpipe.finetune.loop as ft
 
     read: set[str] = set()
 

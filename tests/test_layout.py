@@ -20,7 +20,7 @@ ORCHESTRATION = {
     "mcpipe.extract.run", "mcpipe.extract.engine", "mcpipe.extract.distributed",
     "mcpipe.cleaner.run", "mcpipe.cleaner.sweep", "mcpipe.cleaner.outputs", "mcpipe.cleaner.auto",
     "mcpipe.cleaner.labelfile",
-    "mcpipe.finetune.run", "mcpipe.finetune.train", "mcpipe.finetune.predict",
+    "mcpipe.finetune.run", "mcpipe.finetune.loop", "mcpipe.finetune.train", "mcpipe.finetune.predict",
     "mcpipe.report.run",
 }
 # layer -> the layers it may import (its own always)
