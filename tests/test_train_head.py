@@ -112,6 +112,23 @@ def test_refusals(feats, tmp_path):
     assert (out / "metrics.json").read_bytes() == before
 
 
+def test_a_truncated_or_other_version_checkpoint_is_refused_with_one_line(feats, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("train-head", "--features", str(feats), "--out", str(out), *fast()).exit_code == 0
+    (out / "metrics.json").unlink()  # as if killed after the last epoch's checkpoint
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (ckpt["format"], ckpt["version"]) == ("mcpipe-head-checkpoint", 1)
+    torch.save({**ckpt, "version": 2}, out / "checkpoint.pt")
+    res = invoke("train-head", "--features", str(feats), "--out", str(out), "--resume", *fast())
+    assert res.exit_code == 1 and "is a version-2 train-head checkpoint; this mcpipe reads version 1" in res.output
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:300])
+    res = invoke("train-head", "--features", str(feats), "--out", str(out), "--resume", *fast())
+    assert res.exit_code == 1 and "checkpoint.pt cannot be read" in res.output
+    assert [line for line in res.output.splitlines() if line.startswith("error:")] == \
+        [f"error: --resume: {out / 'checkpoint.pt'} cannot be read: not a complete torch file (reading zip "
+         "archive: failed finding central directory): truncated, or not written by torch.save"], res.output
+
+
 def test_sweep_runs_the_grid_once_loaded(feats, tmp_path):
     out = tmp_path / "sweep"
     res = invoke("sweep", "--features", str(feats), "--out", str(out),
