@@ -187,7 +187,7 @@ def _enter_phase(job: Job, first: Epoch, ckpt: Checkpoint | None, totals: Totals
     return _InPhase(phase, dataset, batches, steps, training, saver)
 
 
-def train_one_epoch(job: Job, current: _InPhase, e: Epoch, ckpt: Checkpoint | None) -> tuple[dict, int]:
+def train_one_epoch(job: Job, current: _InPhase, e: Epoch, ckpt: Checkpoint | None) -> tuple[FinetuneEpoch, int]:
     """Epoch ``e`` (the rest of it from ``ckpt``'s position, written inside it); -> (its history row without
     the evaluation, the images replaced)."""
     f, info, t = job.cfg.finetune, job.info, current.training
