@@ -2,8 +2,9 @@
 
 train-head and finetune write their own keys (``test_accuracy`` vs ``test_top1``: the files keep them), so
 there is one record per stage, :class:`HeadEpoch` and :class:`FinetuneEpoch`; both answer the questions the
-report asks (``val_top1``, ``test_top1``, ...) through :class:`Epoch`. :func:`read_history` turns a file's
-rows back into records, so nothing else needs to know which stage wrote a key.
+report asks (``val_top1``, ``test_top1``, ...) as attributes of the same names (:data:`Epoch`).
+:func:`read_history` turns a file's rows back into records, so nothing else needs to know which stage wrote a
+key.
 """
 
 from __future__ import annotations
@@ -19,31 +20,14 @@ def stamped(metrics: dict) -> dict:
     return {"format_version": METRICS_FORMAT, **{k: v for k, v in metrics.items() if k != "format_version"}}
 
 
-class Epoch:
-    """What a history row says, whichever stage wrote it (None: not measured)."""
-
-    epoch: int
-    loss: float | None
-
-    @property
-    def val_top1(self) -> float | None:
-        raise NotImplementedError
-
-    @property
-    def test_top1(self) -> float | None:
-        raise NotImplementedError
-
-    val_clean_top1: float | None = None
-    test_top5: float | None = None
-    phase: str | None = None
-
+class _Row:
     def to_dict(self) -> dict[str, Any]:
         """The row as metrics.json holds it: unmeasured (None) keys left out."""
-        return {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
-class HeadEpoch(Epoch):
+class HeadEpoch(_Row):
     """A train-head epoch: accuracies against the validation rows' given labels and the test split."""
 
     epoch: int
@@ -52,6 +36,8 @@ class HeadEpoch(Epoch):
     images_per_second: float | None = None
     val_accuracy: float | None = None
     test_accuracy: float | None = None
+    # what the report asks of every row: train-head measures no top-5 nor clean-label validation, has no phases
+    val_clean_top1 = test_top5 = phase = None
 
     @property
     def val_top1(self) -> float | None:
@@ -63,7 +49,7 @@ class HeadEpoch(Epoch):
 
 
 @dataclass
-class FinetuneEpoch(Epoch):
+class FinetuneEpoch(_Row):
     """A finetune epoch (or the ``start`` evaluation, epoch 0): training numbers and the evaluations, cleaner
     removed, on validation (given and clean labels) and test."""
 
@@ -74,15 +60,19 @@ class FinetuneEpoch(Epoch):
     backbone_lr: float | None = None
     backbone_trained: bool | None = None
     images_per_second: float | None = None
-    val_top1: float | None = None  # type: ignore[assignment]
+    val_top1: float | None = None
     val_images: int | None = None
     val_top5: float | None = None
     val_clean_top1: float | None = None
     val_clean_images: int | None = None
-    test_top1: float | None = None  # type: ignore[assignment]
+    test_top1: float | None = None
     test_images: int | None = None
     test_top5: float | None = None
     seconds: float | None = None
+
+
+Epoch = HeadEpoch | FinetuneEpoch  # a history row, either stage's: both answer epoch, loss, val_top1,
+# val_clean_top1, test_top1, test_top5 and phase
 
 
 def read_history(rows: list[dict]) -> list[Epoch]:

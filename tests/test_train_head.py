@@ -7,7 +7,6 @@ import csv
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import invoke, sets
