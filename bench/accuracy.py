@@ -40,7 +40,8 @@ import numpy as np
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from mcpipe.cleaner.noise import noise_from_config
-from mcpipe.cleaner.run import prepare, train_head
+from mcpipe.cleaner.prepare import prepare
+from mcpipe.cleaner.run import train_head
 from mcpipe.cleaner.split import holdout
 from mcpipe.config import Config, load_config, with_overrides
 
@@ -125,7 +126,7 @@ def main() -> None:
 
     def head(cfg: Config) -> dict:
         out = tmp / f"run{time.monotonic_ns()}"
-        return train_head(cfg, prep, out, overwrite=True) | {"run_dir": out}
+        return train_head(cfg, prep, out, overwrite=True).to_dict() | {"run_dir": out}
 
     cols = ["mcpipe default", "mcpipe N=1, wd tuned", "MetaCleaner N=4 (paper)", "LogisticRegression, C tuned",
             "cleanlab around it", "kNN, k tuned"]
@@ -162,7 +163,7 @@ def main() -> None:
     print("\nNoise detection, AUROC / average precision of the clean score / F1 of the labels flagged at the "
           "method's own noise estimate\n\n| noise | mcpipe default | cleanlab |\n|---|---|---|")
     print("\n".join(detections))
-    print(f"\nCost of the default (search + refit) / one fixed-configuration run (MetaCleaner N = 4), per setting: "
+    print("\nCost of the default (search + refit) / one fixed-configuration run (MetaCleaner N = 4), per setting: "
           + " ".join(f"{r:.2f}" for r in costs) + f"; mean {np.mean(costs):.2f}")
     print(f"bench/accuracy.py: {time.perf_counter() - started:.0f} s")
 

@@ -33,7 +33,8 @@ def worker(store_dir: Path, steps: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from mcpipe.cleaner.run import _graph, _new_head, prepare
+    from mcpipe.cleaner.prepare import graph_for, prepare
+    from mcpipe.cleaner.run import new_head
     from mcpipe.cleaner.sampler import SubsetSampler
     from mcpipe.cleaner.train import make_optimizer, train_one_epoch
     from mcpipe.config import load_config
@@ -46,10 +47,10 @@ def worker(store_dir: Path, steps: int) -> dict:
     prep = prepare(cfg, store_dir)  # as train-head: neighbours streamed from the file, then the features loaded
     labels = prep.train.labels
     t = time.perf_counter()
-    _graph(cfg, prep, labels)  # the per-class same-label searches, features in memory
+    graph_for(cfg, prep, labels)  # the per-class same-label searches, features in memory
     same_s = time.perf_counter() - t
     sampler = SubsetSampler(labels, subset_size=4, batch_size=480, seed=0)
-    head = _new_head(cfg, prep)
+    head = new_head(cfg, prep)
     opt, _ = make_optimizer(head, cfg.train)
     y = torch.from_numpy(labels)
     stats = train_one_epoch(head, prep.train_x, y, sampler, 0, opt)

@@ -22,6 +22,7 @@ from mcpipe.cleaner.auto import Candidate, Search
 from mcpipe.cleaner.model import Head
 from mcpipe.errors import DataError
 from mcpipe.loading import load_problem, load_state_checked
+from mcpipe.records import HeadEpoch
 
 FORMAT = "mcpipe-head-checkpoint"
 VERSION = 1
@@ -30,10 +31,11 @@ _REFIT_HINT = "it was trained on other features; resume on the store it started 
 
 
 def save_epoch(path: Path, head: Head, optimizer: torch.optim.Optimizer, scheduler, *, epoch: int,
-               history: list[dict], config: str) -> None:
+               history: list[HeadEpoch], config: str) -> None:
     """A fixed configuration after ``epoch`` (0-based) is trained."""
     save_atomic({"format": FORMAT, "version": VERSION, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "config": config}, path)
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "history": [r.to_dict() for r in history],
+                 "config": config}, path)
 
 
 def save_search(path: Path, found: Search | None, *, config: str) -> None:
@@ -61,7 +63,8 @@ def _read(path: Path, device: torch.device) -> dict:
     return ckpt
 
 
-def load_epoch(path: Path, device: torch.device, head: Head, optimizer, scheduler) -> tuple[list[dict], int]:
+def load_epoch(path: Path, device: torch.device, head: Head, optimizer,
+               scheduler) -> tuple[list[HeadEpoch], int]:
     """A fixed configuration's checkpoint loaded into ``head``, ``optimizer`` and ``scheduler``; -> (history,
     next epoch). Refused: unreadable, not ours, or a head that does not fit these features."""
     ckpt = _read(path, device)
@@ -71,7 +74,7 @@ def load_epoch(path: Path, device: torch.device, head: Head, optimizer, schedule
     load_state_checked(head, ckpt["head"], what=f"--resume: {path}", hint=_REFIT_HINT)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    return ckpt["history"], ckpt["epoch"] + 1
+    return [HeadEpoch.from_dict(r) for r in ckpt["history"]], ckpt["epoch"] + 1
 
 
 def load_search(path: Path, device: torch.device, new_head: Callable[[int], Head]) -> Search | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.labels import CLEAN_COLUMNS, delimiter
+from mcpipe.records import read_metrics
 from mcpipe.atomic import write_text_atomic
 
 ACTIONS = ("keep", "relabel", "drop")
@@ -66,12 +66,13 @@ def _read_scores(run: Path) -> list[dict]:
 
 
 def _estimate(run: Path) -> float | None:
-    path = run / "metrics.json"
+    """The run's estimated noise rate (the share of labels its second round flagged), if it made one."""
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-        return float(m["label_issues"]["estimated_noise_rate"])
-    except (OSError, ValueError, KeyError, TypeError):
+        issues = read_metrics(run / "metrics.json").label_issues
+    except DataError:
         return None
+    return None if not isinstance(issues, dict) or "estimated_noise_rate" not in issues else \
+        float(issues["estimated_noise_rate"])
 
 
 def clean(run: Path, out: Path, *, action: str = "keep", fraction: float | None = None,

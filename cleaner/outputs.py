@@ -23,12 +23,14 @@ from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.train import alpha_scores, predict, set_accuracy
 from mcpipe.config import Config, to_toml
 from mcpipe.faults import pause_at
+from mcpipe.records import HeadEpoch, HeadMetrics, Noise
 from mcpipe.rundir import write_confusion
 from mcpipe.store.reader import FeatureStore
 from mcpipe.store.schema import PROVENANCE_KEYS
 
 if TYPE_CHECKING:
-    from mcpipe.cleaner.run import Prepared, RunLabels, Validation
+    from mcpipe.cleaner.inputs import RunLabels, Validation
+    from mcpipe.cleaner.prepare import Prepared
 
 
 
@@ -37,7 +39,9 @@ def _provenance(store: FeatureStore) -> dict:
 
 
 def finish(cfg: Config, prep: Prepared, head: Head, out: Path, labels: RunLabels, graph,
-            history: list[dict], fit_rows: np.ndarray, val: Validation | None, found: Search | None) -> dict:
+           history: list[HeadEpoch], fit_rows: np.ndarray, val: Validation | None,
+           found: Search | None) -> HeadMetrics:
+    """Score, measure and write the run's files (but metrics.json, written by the caller with its time)."""
     store = prep.train
     given, clean, keep = labels.given, labels.clean, labels.keep
     n = head.cleaner.subset_size
@@ -52,38 +56,35 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, labels: RunLabels
         scores["knn"] = knn.agreement(graph, given)
     if found is not None and found.probs is not None:
         scores["cross_validated"] = found.probs[rows, given]
-    metrics: dict = {"history": history, "train_images": int(keep.sum()), "subset_size": n,
-                     "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
-                               "realized_rate": float((given != labels.before_noise)[keep].mean())},
-                     "features": str(prep.features_dir.resolve())}
-    if labels.file is not None:
-        metrics["labels"] = labels.file.record(store.labels)
-    metrics |= _validation_metrics(cfg, head, fit_rows, val, found)
+    m = HeadMetrics(history=history, train_images=int(keep.sum()), subset_size=n,
+                    noise=Noise(cfg.noise.kind, cfg.noise.rate, float((given != labels.before_noise)[keep].mean())),
+                    features=str(prep.features_dir.resolve()),
+                    labels=None if labels.file is None else labels.file.record(store.labels))
+    _validation_metrics(m, cfg, head, val, found)
     if prep.test is not None:
         test_pred = predict(head, prep.test_x)[0]
-        metrics["test_accuracy"] = accuracy(test_pred, prep.test.labels)
-        if found is not None and metrics.get("search", {}).get("refit"):  # reported, so the refit can be judged
-            metrics["test_accuracy_before_refit"] = accuracy(predict(found.head, prep.test_x)[0], prep.test.labels)
+        m.test_accuracy = accuracy(test_pred, prep.test.labels)
+        if m.search is not None and m.search["refit"]:  # reported, so the refit can be judged
+            m.test_accuracy_before_refit = accuracy(predict(found.head, prep.test_x)[0], prep.test.labels)
         write_confusion(confusion(test_pred, prep.test.labels, store.num_classes), list(store.classes),
                         out / "confusion.csv")
-        metrics["test_images"] = int(len(prep.test.labels))
+        m.test_images = int(len(prep.test.labels))
         if n > 1:
-            metrics["set_accuracy"] = set_accuracy(head, prep.test_x, prep.test.labels, subset_size=n,
-                                                   seed=cfg.train.seed)
+            m.set_accuracy = set_accuracy(head, prep.test_x, prep.test.labels, subset_size=n, seed=cfg.train.seed)
     # a human check of the given label (Food-101N's verification) counts only for the labels as given
     verified = store.verified if cfg.noise.kind == "none" and labels.file is None else None
     known, wrong = label_truth(given, clean, verified)
     known, wrong = known & keep, wrong & keep  # a dropped row was not trained with its label: nothing to find
     flagged = None if found is None or found.issues is None else int(found.issues.sum())
     found_by = {name: detection(s, known, wrong, flag=flagged) for name, s in scores.items()}
-    metrics["detection"] = {name: d for name, d in found_by.items() if d is not None}
+    m.detection = {name: d for name, d in found_by.items() if d is not None}
     if found is not None and found.issues is not None:
-        metrics["label_issues"] = _issue_metrics(found.issues, known, wrong)
+        m.label_issues = _issue_metrics(found.issues, known, wrong)
     rank = cfg.train.rank_by
     if found_by.get(rank) is not None:
-        metrics["noise_detection_auroc"] = found_by[rank]["auroc"]
-        metrics["noise_detection_ap"] = found_by[rank]["average_precision"]
-    metrics["ranked_by"] = rank
+        m.noise_detection_auroc = found_by[rank]["auroc"]
+        m.noise_detection_ap = found_by[rank]["average_precision"]
+    m.ranked_by = rank
     trained = found.labels if found is not None else given
     weights = found.weights if found is not None else np.ones(len(given))
     split = np.full(len(given), "val", dtype=object)  # the hold-out, or images a val.h5 shares with train.h5
@@ -96,27 +97,28 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, labels: RunLabels
     pause_at("head_export")  # (tests: a kill here leaves scores.csv of this run and no head.pt yet)
     save_head(out / "head.pt", head, classes=list(store.classes), feature_dim=store.feature_dim,
               provenance=_provenance(store), config=to_toml(cfg))
-    return metrics
+    return m
 
 
-def _validation_metrics(cfg: Config, head: Head, fit_rows: np.ndarray, val: Validation | None,
-                        found: Search | None) -> dict:
-    """What chose, and how the final model does on it (against the given labels; clean ones where known)."""
+def _validation_metrics(m: HeadMetrics, cfg: Config, head: Head, val: Validation | None,
+                        found: Search | None) -> None:
+    """Into ``m``: what chose, and how the final model does on it (against the given labels; clean ones where
+    known)."""
     if val is None:
-        return {"chosen_on": "none"}
-    m: dict = {"chosen_on": "val", "validation": {"source": val.source, "images": int(len(val.given))}}
+        m.chosen_on = "none"
+        return
+    m.chosen_on, m.validation = "val", {"source": val.source, "images": int(len(val.given))}
     refitted = found is not None and cfg.train.refit and val.rows is not None
     if found is not None:
-        m["search"] = {"chosen": found.choice.name, "refit": refitted, "seconds": round(found.seconds, 3),
-                       "candidates": [c.record() for c in found.candidates]}
-        m["best_epoch"] = found.choice.best_epoch
+        m.search = {"chosen": found.choice.name, "refit": refitted, "seconds": round(found.seconds, 3),
+                    "candidates": [c.record() for c in found.candidates]}
+        m.best_epoch = found.choice.best_epoch
     # the model that never saw the validation rows: the final one, or the chosen candidate before its refit
     pred = predict(found.head if refitted else head, val.x)[0]
-    m["val_accuracy"] = accuracy(pred, val.given)
+    m.val_accuracy = accuracy(pred, val.given)
     if (val.clean >= 0).any():
         known = val.clean >= 0
-        m["val_clean_accuracy"] = accuracy(pred[known], val.clean[known])
-    return m
+        m.val_clean_accuracy = accuracy(pred[known], val.clean[known])
 
 
 def _issue_metrics(issues: np.ndarray, known: np.ndarray, wrong: np.ndarray) -> dict:

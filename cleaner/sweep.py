@@ -17,16 +17,17 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import logging
 import re
 from pathlib import Path
 
 from mcpipe.atomic import write_text_atomic
-from mcpipe.cleaner.run import RUN_SECTIONS, needs_graph, prepare, run_config_text, train_head
+from mcpipe.cleaner.prepare import needs_graph, prepare
+from mcpipe.cleaner.run import RUN_SECTIONS, run_config_text, train_head
 from mcpipe.config import Config, with_overrides
-from mcpipe.errors import ConfigError
+from mcpipe.errors import ConfigError, DataError
 from mcpipe.faults import pause_at
+from mcpipe.records import HeadMetrics, read_metrics
 from mcpipe.stopping import stop_on_signals
 from mcpipe.tables import align_columns
 
@@ -75,10 +76,9 @@ def run(cfg: Config, *, features: str | Path, out: str | Path, progress: bool = 
     return rows
 
 
-def _row(point: dict, metrics: dict, run_dir: Path) -> dict:
-    return {**point, "val_accuracy": metrics.get("val_accuracy"), "test_accuracy": metrics.get("test_accuracy"),
-            "noise_detection_auroc": metrics.get("noise_detection_auroc"), "seconds": metrics["seconds"],
-            "run": run_dir.name}
+def _row(point: dict, metrics: HeadMetrics, run_dir: Path) -> dict:
+    return {**point, "val_accuracy": metrics.val_accuracy, "test_accuracy": metrics.test_accuracy,
+            "noise_detection_auroc": metrics.noise_detection_auroc, "seconds": metrics.seconds, "run": run_dir.name}
 
 
 def _started(run_dir: Path, config_text: str) -> bool:
@@ -90,12 +90,13 @@ def _started(run_dir: Path, config_text: str) -> bool:
         return False
 
 
-def _finished(run_dir: Path, config_text: str) -> dict | None:
+def _finished(run_dir: Path, config_text: str) -> HeadMetrics | None:
     try:
         same = (run_dir / "config.toml").read_text(encoding="utf-8") == config_text
-        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")) if same else None
-    except (OSError, ValueError):
+        metrics = read_metrics(run_dir / "metrics.json") if same else None
+    except (OSError, DataError):
         return None
+    return metrics if isinstance(metrics, HeadMetrics) else None
 
 
 def _fmt(v) -> str:

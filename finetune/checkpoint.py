@@ -27,6 +27,7 @@ from mcpipe import __version__
 from mcpipe.atomic import save_atomic
 from mcpipe.errors import ConfigError, DataError
 from mcpipe.loading import load_problem
+from mcpipe.records import FinetuneEpoch
 
 FORMAT = "mcpipe-finetune-checkpoint"
 VERSION = 2
@@ -43,8 +44,8 @@ class Checkpoint:
     epoch: int  # epochs completed
     step: int  # batches each process has done of the next epoch (0 at an epoch's end)
     phase: str  # the phase of the epoch in progress, or of the last one completed when step is 0
-    history: list[dict]  # metrics.json's rows of the completed epochs
-    start: dict | None  # with --head: the evaluation before any step (epoch 0)
+    history: list[FinetuneEpoch]  # metrics.json's rows of the completed epochs
+    start: FinetuneEpoch | None  # with --head: the evaluation before any step (epoch 0)
     seconds: float  # wall time of the run so far
     replaced: int  # unreadable images read in place of others, completed epochs
     partial: dict | None  # inside an epoch: {"loss", "images", "replaced"}, each a list with one sum per process
@@ -64,6 +65,8 @@ def path_of(out: Path) -> Path:
 def save(ckpt: Checkpoint, out: Path) -> None:
     """Write ``out/checkpoint.pt`` atomically; a failed write is a one-line DataError and keeps the old file."""
     state = {f.name: getattr(ckpt, f.name) for f in fields(ckpt)}  # not asdict: it would deep-copy the tensors
+    state["history"] = [row.to_dict() for row in ckpt.history]  # plain values: weights_only loading reads them
+    state["start"] = None if ckpt.start is None else ckpt.start.to_dict()
     save_atomic({"format": FORMAT, "version": VERSION, "mcpipe": __version__, **state}, path_of(out))
 
 
@@ -86,6 +89,8 @@ def load(out: Path, device: torch.device, config_text: str, *, world: int = 1) -
     if missing:
         raise DataError(f"--resume: {path} is not an mcpipe finetune checkpoint (no {', '.join(missing)})")
     ckpt = Checkpoint(**{f.name: saved[f.name] for f in fields(Checkpoint)})
+    ckpt.history = [FinetuneEpoch.from_dict(row) for row in ckpt.history]
+    ckpt.start = None if ckpt.start is None else FinetuneEpoch.from_dict(ckpt.start)
     if ckpt.config != config_text:
         raise ConfigError(f"--resume: the config differs from the one {out} was started with")
     if ckpt.inside_epoch and ckpt.world != world:

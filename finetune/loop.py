@@ -4,7 +4,7 @@
 
     for epoch in range(start, len(schedule)):
         (entering a phase: its data set, sampler, SGD and per-step schedule, restored when resuming inside it)
-        train_one_epoch(...); evaluate(...); save(...)
+        train_one_epoch(...); evaluate_epoch(...); export(...); save(...); stop if a signal came
 
 Each phase starts its own SGD (momentum, one learning rate for the backbone, one for the head) and per-step
 schedule (``mcpipe.finetune.schedule``: cosine or step, after a linear warm-up). After every epoch, with the
@@ -21,7 +21,7 @@ evaluation is not cut short: under torchrun its shards meet in an all-reduce tha
 leave waiting). A second signal a second or more later stops at once (``KeyboardInterrupt``, exit 130); the
 last checkpoint stands. ``kill -9`` loses the work since the last checkpoint.
 
-Model selection (``_metrics``) is on validation only, never on the test split: ``best_epoch`` is the epoch of
+Model selection (``select``) is on validation only, never on the test split: ``best_epoch`` is the epoch of
 the highest validation top-1 and ``test_accuracy_at_best_epoch`` the test top-1 there. With ``--head``, the
 network as the head leaves it is evaluated before any step (``start``, epoch 0) and is a candidate too. With
 ``finetune.export = "best"`` and a validation set, ``model.pt`` + ``model.json`` (``mcpipe.finetune.export``)
@@ -47,7 +47,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from mcpipe.atomic import write_json_atomic
 from mcpipe.cleaner.sampler import SubsetSampler
 from mcpipe.config import Config
 from mcpipe.distributed import DistInfo, barrier
@@ -66,7 +65,7 @@ from mcpipe.finetune.schedule import phase_scheduler
 from mcpipe.finetune.train import (EpochState, Training, evaluate, gather_partial, on_every_rank, resumed_state,
                                    train_epoch)
 from mcpipe.progress import progress_bar
-from mcpipe.records import FinetuneEpoch, stamped
+from mcpipe.records import FinetuneEpoch, FinetuneMetrics, Noise, write_metrics
 from mcpipe.rundir import write_confusion
 from mcpipe.stopping import StopRequest
 
@@ -109,8 +108,8 @@ class Job:
 class Totals:
     """What the run has done so far, over all its starts: carried by every checkpoint."""
 
-    history: list[dict] = field(default_factory=list)
-    begin: dict | None = None  # with --head: the evaluation before any step
+    history: list[FinetuneEpoch] = field(default_factory=list)
+    begin: FinetuneEpoch | None = None  # with --head: the evaluation before any step
     replaced: int = 0  # in completed epochs
     seconds_before: float = 0.0  # of earlier starts
     started: float = field(default_factory=time.perf_counter)
@@ -136,7 +135,7 @@ class _InPhase:
     wrapped_for: bool | None = None  # under torchrun: backbone_trains when training.model was wrapped
 
 
-def train(job: Job, ckpt: Checkpoint | None, *, evaluate_start: bool) -> dict:
+def train(job: Job, ckpt: Checkpoint | None, *, evaluate_start: bool) -> FinetuneMetrics:
     """Train the run's epochs from the checkpoint's on (all of them without one); -> the metrics.
     ``evaluate_start`` (``--head``, a fresh run): the network before any step is evaluated as epoch 0."""
     totals = Totals.resumed(ckpt)
@@ -151,10 +150,19 @@ def train(job: Job, ckpt: Checkpoint | None, *, evaluate_start: bool) -> dict:
         if current is None or current.phase != e.phase:
             current = _enter_phase(job, e, ckpt if epoch == start else None, totals, clock)
         resume_at = ckpt if ckpt is not None and epoch == start and ckpt.inside_epoch else None
-        row, replaced = train_one_epoch(job, current, e, resume_at)
-        _end_epoch(job, row, replaced, current.saver, totals)  # evaluate, export if best, save; stop if asked
-    return _metrics(job.cfg, totals.history, job.train, job.given, job.val, totals.seconds(), totals.replaced,
-                    totals.begin, labels=job.labels_record)
+        trained, replaced = train_one_epoch(job, current, e, resume_at)
+        row, confusion = evaluate_epoch(job, trained, totals)
+        totals.history.append(row)
+        totals.replaced += replaced
+        if job.info.is_main:
+            metrics = run_metrics(job, totals)
+            export(job, metrics, confusion)  # before the checkpoint: a resume exports again
+            checkpoint.save(current.saver.checkpoint(epoch=row.epoch), job.out)
+            write_metrics(metrics, job.out / "metrics.json")
+            _log_epoch(job, row)
+        clock.restart()
+        _stop_if_asked(job, row.epoch)
+    return run_metrics(job, totals)
 
 
 def _enter_phase(job: Job, first: Epoch, ckpt: Checkpoint | None, totals: Totals,
@@ -242,12 +250,13 @@ def _evaluated(job: Job) -> tuple[dict, np.ndarray | None]:
     return scores, confusion
 
 
-def write_model(job: Job, metrics: dict, confusion: np.ndarray | None) -> None:
+def write_model(job: Job, metrics: FinetuneMetrics, confusion: np.ndarray | None) -> None:
     """``model.pt`` + ``model.json`` of the network as it is now, and ``confusion.csv`` when given."""
     e = job.cfg.extract
     export_model(job.out, job.net, backbone=e.backbone, image_size=e.image_size, classes=job.train.classes,
                  pre=job.pre, provenance=job.provenance,
-                 metrics={k: metrics[k] for k in ("test_accuracy", "test_top5") if k in metrics})
+                 metrics={k: v for k, v in (("test_accuracy", metrics.test_accuracy),
+                                            ("test_top5", metrics.test_top5)) if v is not None})
     if confusion is not None:
         write_confusion(confusion, list(job.test.classes), job.out / "confusion.csv")
 
@@ -255,42 +264,45 @@ def write_model(job: Job, metrics: dict, confusion: np.ndarray | None) -> None:
 def _evaluate_start(job: Job, totals: Totals) -> None:
     """With --head: the network as the head left it is a candidate too; fine-tuning must beat it on validation."""
     scores, confusion = _evaluated(job)
-    totals.begin = FinetuneEpoch(0, "start", **scores).to_dict()
+    totals.begin = FinetuneEpoch(0, "start", **scores)
     if job.info.is_main:
-        log.info("start (the head on the pretrained backbone): val top-1 %.4f%s", totals.begin["val_top1"],
-                 f", test top-1 {totals.begin['test_top1']:.4f}" if "test_top1" in totals.begin else "")
+        log.info("start (the head on the pretrained backbone): val top-1 %.4f%s", totals.begin.val_top1,
+                 "" if totals.begin.test_top1 is None else f", test top-1 {totals.begin.test_top1:.4f}")
         if job.keep_best:
-            write_model(job, _metrics(job.cfg, [], job.train, job.given, job.val, 0.0, 0, totals.begin,
-                                      labels=job.labels_record), confusion)
+            write_model(job, run_metrics(job, Totals(begin=totals.begin)), confusion)
     barrier(job.info)
 
 
-def _end_epoch(job: Job, row: FinetuneEpoch, replaced: int, saver: "_StepCheckpoints", totals: Totals) -> None:
-    """Evaluate the epoch just trained, export it if it is the best, write its checkpoint and metrics.json; then
-    stop if a signal came (after the epoch's last step: during the evaluation or the export)."""
-    info, epoch = job.info, row.epoch
+def evaluate_epoch(job: Job, trained: FinetuneEpoch, totals: Totals) -> tuple[FinetuneEpoch, np.ndarray | None]:
+    """The epoch just trained, evaluated with the cleaner removed: its history row (with the run's wall time so
+    far, evaluations included) and the test confusion counts. Every rank takes part (the shards meet in an
+    all-reduce)."""
     pause_at("finetune_evaluate")  # a test hook: the epoch is trained, its evaluation not begun
     scores, confusion = _evaluated(job)
-    totals.replaced += replaced
-    # seconds: wall time of the run so far, evaluations included
-    row = replace(row, **scores, seconds=totals.seconds())
-    totals.history.append(row.to_dict())
-    if info.is_main:
-        metrics = _metrics(job.cfg, totals.history, job.train, job.given, job.val, row.seconds, totals.replaced,
-                           totals.begin, labels=job.labels_record)
-        if job.keep_best and metrics["best_epoch"] == epoch:  # before the checkpoint: a resume re-exports
-            pause_at("finetune_export")  # a test hook
-            write_model(job, metrics, confusion)
-        elif not job.keep_best and confusion is not None:
-            write_confusion(confusion, list(job.test.classes), job.out / "confusion.csv")
-        checkpoint.save(saver.checkpoint(epoch=epoch), job.out)
-        write_json_atomic(metrics, job.out / "metrics.json")
-        log.info("epoch %d/%d (%s): loss %.4f%s%s, %.1f img/s", epoch, job.total_epochs, row.phase, row.loss,
-                 "" if row.val_top1 is None else f", val top-1 {row.val_top1:.4f}",
-                 "" if row.test_top1 is None else f", test top-1 {row.test_top1:.4f}", row.images_per_second)
-    saver.clock.restart()
-    # an all-reduce, so also a barrier: no rank goes on (or leaves) before rank 0 has written
-    stop = on_every_rank([job.stop.requested], info, job.device)[0]
+    return replace(trained, **scores, seconds=totals.seconds()), confusion
+
+
+def export(job: Job, metrics: FinetuneMetrics, confusion: np.ndarray | None) -> None:
+    """Rank 0, after an epoch: the model if this epoch is the best so far (``finetune.export = "best"``), else
+    only the test confusion counts (the last epoch's model is exported when the run ends)."""
+    if job.keep_best and metrics.best_epoch == metrics.history[-1].epoch:
+        pause_at("finetune_export")  # a test hook
+        write_model(job, metrics, confusion)
+    elif not job.keep_best and confusion is not None:
+        write_confusion(confusion, list(job.test.classes), job.out / "confusion.csv")
+
+
+def _log_epoch(job: Job, row: FinetuneEpoch) -> None:
+    log.info("epoch %d/%d (%s): loss %.4f%s%s, %.1f img/s", row.epoch, job.total_epochs, row.phase, row.loss,
+             "" if row.val_top1 is None else f", val top-1 {row.val_top1:.4f}",
+             "" if row.test_top1 is None else f", test top-1 {row.test_top1:.4f}", row.images_per_second)
+
+
+def _stop_if_asked(job: Job, epoch: int) -> None:
+    """After epoch ``epoch``'s checkpoint: stop (``Preempted``) if a signal came to any rank during the epoch's
+    last step, evaluation or export. An all-reduce, so also a barrier: no rank goes on (or leaves) before rank
+    0 has written."""
+    stop = on_every_rank([job.stop.requested], job.info, job.device)[0]
     if stop and epoch < job.total_epochs:  # after the last epoch only the export is left: it is finished
         _stop_with_the_others(job.stop)
         raise job.stop.preempted(f"checkpoint at the end of epoch {epoch} of {job.total_epochs} written to "
@@ -344,40 +356,38 @@ class _StepCheckpoints:
                           world=job.info.world_size, config=job.config_text)
 
 
-def _metrics(cfg: Config, history: list[dict], train: SplitIndex, given: np.ndarray, val: SplitIndex | None,
-             seconds: float, replaced: int, begin: dict | None = None, *, labels: dict | None = None) -> dict:
-    """``metrics.json``: the best epoch is chosen on validation top-1 (given labels; ties: the earlier epoch),
-    never on the test split; with ``--head``, epoch 0 (``start``: the head on the pretrained backbone, before
-    any training) is a candidate too. The exported model is the best epoch's (``finetune.export = "best"``,
-    with a validation set) or the last epoch's; ``test_accuracy`` / ``test_top5`` are the exported model's."""
-    m: dict = {"history": history, "seconds": seconds, "train_images": len(train), "images_replaced": replaced,
-               "phases": [{"name": p.name, "epochs": p.epochs, "split": p.split} for p in plan(cfg)],
-               "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate,
-                         "realized_rate": float((given != train.labels).mean())},
-               "val_images": 0 if val is None else len(val),
-               "val_from": None if val is None else val.split, "chosen_on": "none" if val is None else "val"}
-    if labels is not None:  # the label file's record
-        m["labels"] = labels
-    if begin is not None:
-        m["start"] = begin
-    rows = ([begin] if begin is not None else []) + history
-    validated = [h for h in rows if "val_top1" in h]
+def run_metrics(job: Job, totals: Totals) -> FinetuneMetrics:
+    """``metrics.json`` of the run so far: what it trained on, its history and the epoch chosen on validation
+    (:func:`select`)."""
+    cfg, train, val = job.cfg, job.train, job.val
+    m = FinetuneMetrics(history=totals.history, seconds=totals.seconds(), train_images=len(train),
+                        images_replaced=totals.replaced,
+                        phases=[{"name": p.name, "epochs": p.epochs, "split": p.split} for p in plan(cfg)],
+                        noise=Noise(cfg.noise.kind, cfg.noise.rate, float((job.given != train.labels).mean())),
+                        val_images=0 if val is None else len(val), val_from=None if val is None else val.split,
+                        chosen_on="none" if val is None else "val", labels=job.labels_record, start=totals.begin)
+    return select(m, export=cfg.finetune.export)
+
+
+def select(m: FinetuneMetrics, *, export: str) -> FinetuneMetrics:
+    """``m`` with its best epoch chosen on validation top-1 (given labels; ties: the earlier epoch), never on
+    the test split; with ``--head``, epoch 0 (``m.start``: the head on the pretrained backbone, before any
+    training) is a candidate too. The exported model is the best epoch's (``export = "best"``, with a
+    validation set) or the last epoch's; ``test_accuracy`` / ``test_top5`` are the exported model's."""
+    history = m.history
+    validated = [h for h in ([m.start] if m.start is not None else []) + history if h.val_top1 is not None]
     best = None
     if validated:
-        best = max(validated, key=lambda h: h["val_top1"])  # max keeps the first of equals: the earlier epoch
-        m["best_epoch"], m["best_val_accuracy"] = best["epoch"], best["val_top1"]
-        if "val_clean_top1" in best:
-            m["val_clean_accuracy_at_best_epoch"] = best["val_clean_top1"]
-        if "test_top1" in best:
-            m["test_accuracy_at_best_epoch"] = best["test_top1"]
-    exported = best if cfg.finetune.export == "best" and best is not None else (history[-1] if history else None)
+        best = max(validated, key=lambda h: h.val_top1)  # max keeps the first of equals: the earlier epoch
+        m.best_epoch, m.best_val_accuracy = best.epoch, best.val_top1
+        m.val_clean_accuracy_at_best_epoch = best.val_clean_top1
+        m.test_accuracy_at_best_epoch = best.test_top1
+    exported = best if export == "best" and best is not None else (history[-1] if history else None)
     if exported is not None:
-        m["exported_epoch"] = exported["epoch"]
-        if "test_top1" in exported:
-            m["test_accuracy"] = exported["test_top1"]
-            if "test_top5" in exported:
-                m["test_top5"] = exported["test_top5"]
-    tested = [h for h in history if "test_top1" in h]
+        m.exported_epoch = exported.epoch
+        if exported.test_top1 is not None:
+            m.test_accuracy, m.test_top5 = exported.test_top1, exported.test_top5
+    tested = [h for h in history if h.test_top1 is not None]
     if tested:
-        m["test_accuracy_last_epoch"] = tested[-1]["test_top1"]
-    return stamped(m)
+        m.test_accuracy_last_epoch = tested[-1].test_top1
+    return m

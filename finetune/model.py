@@ -11,7 +11,6 @@ with the cleaner, the M = K·N images of a batch are K class subsets of N
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

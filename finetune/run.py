@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcpipe.atomic import write_json_atomic
 from mcpipe.cleaner.head_file import load_head
 from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.noise import noise_from_config
@@ -45,6 +44,7 @@ from mcpipe.finetune.loop import Job, write_model
 from mcpipe.finetune.model import Net
 from mcpipe.labels import labels_toml, read_label_file
 from mcpipe.loading import load_state_checked
+from mcpipe.records import FinetuneMetrics, write_metrics
 from mcpipe.rundir import check_run_dir, start_run_dir
 from mcpipe.stopping import StopRequest, stop_on_signals
 
@@ -55,7 +55,7 @@ SECTIONS = ("data", "extract", "noise", "cleaner", "finetune")
 
 
 def run(cfg: Config, *, out: str | Path, head: str | Path | None = None, resume: bool = False,
-        overwrite: bool = False, progress: bool = False) -> dict:
+        overwrite: bool = False, progress: bool = False) -> FinetuneMetrics:
     """Train, evaluate and export into ``out``; returns the metrics (also in ``out/metrics.json``).
     SIGTERM/SIGUSR1 stop it resumably (``Preempted``, see ``mcpipe.finetune.loop``)."""
     info = DistInfo.from_env()
@@ -72,7 +72,7 @@ def run(cfg: Config, *, out: str | Path, head: str | Path | None = None, resume:
 
 
 def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run: Path | None, resume: bool,
-         overwrite: bool, progress: bool, stop: StopRequest) -> dict:
+         overwrite: bool, progress: bool, stop: StopRequest) -> FinetuneMetrics:
     config_text = labels_toml(cfg.labels.file) + to_toml(cfg, SECTIONS)
     check_run_dir(out, config_text, RUN_FILES, resume=resume, overwrite=overwrite)  # before any slow work
     job = _prepare(cfg, info, device, out, config_text, head_run, progress, stop)
@@ -88,7 +88,7 @@ def _run(cfg: Config, info: DistInfo, device: torch.device, out: Path, head_run:
         if info.is_main:
             if not job.keep_best:  # (the best epoch's model was written when it was reached; confusion.csv every epoch)
                 write_model(job, metrics, None)
-            write_json_atomic(metrics, out / "metrics.json")
+            write_metrics(metrics, out / "metrics.json")
     barrier(info)
     return metrics
 

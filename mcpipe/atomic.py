@@ -16,8 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from mcpipe.errors import write_error
 
 STALE = ".*.tmp-*"  # what temporary names look like (glob)
@@ -48,6 +46,8 @@ def replacing(path: Path) -> Iterator[Path]:
 
 def save_atomic(obj: dict, path: Path) -> None:
     """``torch.save`` atomically; a failed write is a one-line DataError (the previous file is kept)."""
+    import torch  # (here: the JSON and text writers serve light commands too)
+
     try:
         with replacing(path) as tmp, open(tmp, "wb") as f:  # a file object: a failed write is an OSError
             torch.save(obj, f)

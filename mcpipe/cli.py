@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -21,6 +21,9 @@ from mcpipe.config import Config, load_config, replace
 from mcpipe.errors import ConfigError, MCPipeError
 from mcpipe.rundir import resume_mode
 from mcpipe.stopping import Preempted
+
+if TYPE_CHECKING:
+    from mcpipe.records import FinetuneMetrics, HeadMetrics
 
 
 def _resume_values(args: list[str]) -> list[str]:
@@ -206,21 +209,21 @@ def sweep(
     typer.echo(f"results: {out / 'results.csv'}, {out / 'results.md'}")
 
 
-def head_summary(cfg: Config, m: dict, out: Path) -> str:
+def head_summary(cfg: Config, m: HeadMetrics, out: Path) -> str:
     c = cfg.cleaner
-    if "search" in m:
-        s = m["search"]
+    if m.search is not None:
+        s = m.search
         what = (f"chose {s['chosen']} on validation (of {len(s['candidates'])} candidates"
                 + (", refitted on all training rows)" if s["refit"] else ")"))
     else:
         what = ("softmax baseline (N = 1)" if c.subset_size == 1 else
                 f"MetaCleaner N = {c.subset_size}, {c.weighting}")
-    if "val_accuracy" in m:
-        what += f": validation accuracy {m['val_accuracy']:.4f}"
-    parts = [f"{what}, test accuracy {m['test_accuracy']:.4f}" if "test_accuracy" in m else what]
-    if "noise_detection_auroc" in m:
-        parts.append(f"noise detection AUROC {m['noise_detection_auroc']:.3f} ({m['ranked_by']} score)")
-    parts.append(f"{m['seconds']:.1f} s -> {out}")
+    if m.val_accuracy is not None:
+        what += f": validation accuracy {m.val_accuracy:.4f}"
+    parts = [what if m.test_accuracy is None else f"{what}, test accuracy {m.test_accuracy:.4f}"]
+    if m.noise_detection_auroc is not None:
+        parts.append(f"noise detection AUROC {m.noise_detection_auroc:.3f} ({m.ranked_by} score)")
+    parts.append(f"{m.seconds:.1f} s -> {out}")
     return "; ".join(parts)
 
 
@@ -261,22 +264,21 @@ def finetune(
         typer.echo(finetune_summary(m, out))
 
 
-def finetune_summary(m: dict, out: Path) -> str:
-    phases = ", ".join(f"{p['name']} {p['epochs']}" for p in m["phases"])
-    parts = [f"{len(m['history'])} epochs ({phases})"]
-    if "test_accuracy" in m:
-        parts.append(f"test top-1 {m['test_accuracy']:.4f}" + (f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else "")
-                     + f" (epoch {m['exported_epoch']}, exported)")
-    if "start" in m and "test_top1" in m["start"]:
-        parts.append(f"the head before fine-tuning (epoch 0): test top-1 {m['start']['test_top1']:.4f}")
-    if "best_epoch" in m:
-        at = m.get("test_accuracy_at_best_epoch")
-        parts.append(f"best epoch by validation {m['best_epoch']} (val top-1 {m['best_val_accuracy']:.4f}"
+def finetune_summary(m: FinetuneMetrics, out: Path) -> str:
+    phases = ", ".join(f"{p['name']} {p['epochs']}" for p in m.phases)
+    parts = [f"{len(m.history)} epochs ({phases})"]
+    if m.test_accuracy is not None:
+        parts.append(f"test top-1 {m.test_accuracy:.4f}" + ("" if m.test_top5 is None else f", top-5 {m.test_top5:.4f}")
+                     + f" (epoch {m.exported_epoch}, exported)")
+    if m.start is not None and m.start.test_top1 is not None:
+        parts.append(f"the head before fine-tuning (epoch 0): test top-1 {m.start.test_top1:.4f}")
+    if m.best_epoch is not None:
+        at = m.test_accuracy_at_best_epoch
+        parts.append(f"best epoch by validation {m.best_epoch} (val top-1 {m.best_val_accuracy:.4f}"
                      + ("" if at is None else f", test {at:.4f} at it") + ")")
-    last = m["history"][-1] if m["history"] else {}
-    if last:
-        parts.append(f"{last['images_per_second']:.1f} img/s")
-    parts.append(f"{m['seconds']:.1f} s -> {out}/model.pt")
+    if m.history:
+        parts.append(f"{m.history[-1].images_per_second:.1f} img/s")
+    parts.append(f"{m.seconds:.1f} s -> {out}/model.pt")
     return "; ".join(parts)
 
 

@@ -28,12 +28,12 @@ from mcpipe.extract.sources.registry import load_index
 from mcpipe.config import load_config
 from mcpipe.errors import ConfigError
 from mcpipe.distributed import DistInfo
-from mcpipe.extract.sources.base import SplitIndex
 from mcpipe.extract.sources.registry import available_splits
 from mcpipe.cleaner.split import stratified_holdout
 from mcpipe.finetune.data import ShuffledBatches, SubsetBatches, TrainImages
 from mcpipe.finetune.export import load_model
-from mcpipe.finetune.loop import _metrics
+from mcpipe.finetune.loop import select
+from mcpipe.records import FinetuneEpoch, FinetuneMetrics
 from mcpipe.finetune.run import _validation
 
 runner = CliRunner()
@@ -356,28 +356,27 @@ def test_held_out_images_are_never_trained_on(data, tmp_path, monkeypatch):
 
 
 def test_best_epoch_is_chosen_on_validation_not_test():
-    cfg = _config(Path("."), "finetune.epochs=4")
-    index = lambda split, n: SplitIndex("imagefolder", split, Path("."), [f"{i}.png" for i in range(n)],  # noqa: E731
-                                        np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), ["a", "b"])
-    train, val = index("train", 4), index("val", 2)
     history = [{"epoch": 1, "val_top1": 0.5, "test_top1": 0.2}, {"epoch": 2, "val_top1": 0.9, "test_top1": 0.3},
                {"epoch": 3, "val_top1": 0.9, "test_top1": 0.95}, {"epoch": 4, "val_top1": 0.1, "test_top1": 0.4}]
-    m = _metrics(cfg, history, train, train.labels, val, 1.0, 0)
+
+    def chosen(rows: list[dict], export: str = "best", start: dict | None = None) -> dict:
+        m = FinetuneMetrics(history=[FinetuneEpoch.from_dict(r) for r in rows],
+                            start=None if start is None else FinetuneEpoch.from_dict(start))
+        return select(m, export=export).to_dict()
+
+    m = chosen(history)
     assert (m["best_epoch"], m["best_val_accuracy"], m["test_accuracy_at_best_epoch"]) == (2, 0.9, 0.3)  # tie: 2
     # export = best: model.pt is epoch 2's, and test_accuracy its test top-1; the last epoch's is reported apart
     assert (m["exported_epoch"], m["test_accuracy"], m["test_accuracy_last_epoch"]) == (2, 0.3, 0.4)
-    assert m["chosen_on"] == "val" and m["val_images"] == 2 and "best_test_accuracy" not in m
-    last = _metrics(_config(Path("."), "finetune.epochs=4", "finetune.export=last"), history, train, train.labels,
-                    val, 1.0, 0)
+    assert "best_test_accuracy" not in m
+    last = chosen(history, "last")
     assert (last["best_epoch"], last["exported_epoch"], last["test_accuracy"]) == (2, 4, 0.4)
     # with --head, epoch 0 (the head on the pretrained backbone) is a candidate; ties keep the earlier
     start = {"epoch": 0, "phase": "start", "val_top1": 0.9, "test_top1": 0.25}
-    m0 = _metrics(cfg, history, train, train.labels, val, 1.0, 0, start)
+    m0 = chosen(history, start=start)
     assert (m0["best_epoch"], m0["exported_epoch"], m0["test_accuracy"], m0["start"]) == (0, 0, 0.25, start)
-    none = _metrics(cfg, [{k: v for k, v in h.items() if k != "val_top1"} for h in history], train, train.labels,
-                    None, 1.0, 0)
-    assert none["chosen_on"] == "none" and none["val_images"] == 0 and "best_epoch" not in none
-    assert none["test_accuracy"] == 0.4 and none["exported_epoch"] == 4
+    none = chosen([{k: v for k, v in h.items() if k != "val_top1"} for h in history])
+    assert "best_epoch" not in none and none["test_accuracy"] == 0.4 and none["exported_epoch"] == 4
 
 
 @pytest.mark.slow
@@ -422,12 +421,14 @@ def test_config_refuses_validation_on_trained_or_test_splits():
 
 
 def test_training_curves_mark_the_best_epoch_by_validation_and_still_draw_old_runs(tmp_path):
+    from mcpipe.records import FinetuneEpoch, HeadEpoch
     from mcpipe.report.figures import training_curves
 
     new = [{"epoch": e, "phase": "cleaner", "loss": 1.0 / e, "val_top1": v, "val_clean_top1": v, "test_top1": t}
            for e, v, t in ((1, 0.5, 0.9), (2, 0.7, 0.4))]
     old = [{"epoch": e, "phase": "cleaner", "loss": 1.0 / e, "test_top1": 0.3 * e} for e in (1, 2)]  # no val keys
-    for name, history in (("new", new), ("old", old), ("untested", [{"epoch": 1, "loss": 1.0}])):
+    for name, history in (("new", [FinetuneEpoch.from_dict(r) for r in new]),
+                          ("old", [FinetuneEpoch.from_dict(r) for r in old]), ("untested", [HeadEpoch(1, 1.0)])):
         png = training_curves(history, tmp_path / f"{name}.png")
         assert png.stat().st_size > 5000
 

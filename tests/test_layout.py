@@ -19,7 +19,7 @@ FOLDERS = {"mcpipe.extract": "extract", "mcpipe.cleaner": "cleaner", "mcpipe.fin
 ORCHESTRATION = {
     "mcpipe.extract.run", "mcpipe.extract.engine", "mcpipe.extract.distributed",
     "mcpipe.cleaner.run", "mcpipe.cleaner.sweep", "mcpipe.cleaner.outputs", "mcpipe.cleaner.auto",
-    "mcpipe.cleaner.labelfile",
+    "mcpipe.cleaner.labelfile", "mcpipe.cleaner.prepare", "mcpipe.cleaner.inputs",
     "mcpipe.finetune.run", "mcpipe.finetune.loop", "mcpipe.finetune.train", "mcpipe.finetune.predict",
     "mcpipe.report.run",
 }

@@ -6,7 +6,6 @@ Everything here reads files only; the figures are drawn elsewhere.
 from __future__ import annotations
 
 import csv
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mcpipe.errors import DataError
-from mcpipe.records import METRICS_FORMAT
+from mcpipe.records import HeadMetrics, Metrics, read_metrics
 from mcpipe.rundir import read_confusion
 
 
@@ -24,7 +23,7 @@ class Run:
 
     path: Path
     kind: str
-    metrics: dict
+    metrics: Metrics
     config: dict                     # the run's config.toml, parsed
     config_text: str
     confusion: tuple[np.ndarray, list[str]] | None
@@ -40,15 +39,16 @@ class Run:
 
     @property
     def noise_rate(self) -> float | None:
-        return self.metrics.get("noise", {}).get("rate")
+        return None if self.metrics.noise is None else self.metrics.noise.rate
 
     @property
     def test_accuracy(self) -> float | None:
-        return self.metrics.get("test_accuracy")
+        return self.metrics.test_accuracy
 
     @property
     def auroc(self) -> float | None:
-        return self.metrics.get("noise_detection_auroc")
+        """Noise-detection AUROC of the score the run ranked by (train-head runs)."""
+        return self.metrics.noise_detection_auroc if isinstance(self.metrics, HeadMetrics) else None
 
 
 @dataclass
@@ -59,15 +59,6 @@ class Sweep:
     keys: list[str]
     runs: list[Run] = field(default_factory=list)
     config_text: str = ""
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); was the run interrupted? rerun it with --resume") from None
 
 
 def _read_toml(path: Path) -> tuple[dict, str]:
@@ -92,12 +83,7 @@ def read_run(path: Path) -> Run:
         raise DataError(f"{path} has no metrics.json: not a finished mcpipe run (train-head, sweep or finetune "
                         "write one when they end)")
     kind = "finetune" if (path / "model.json").is_file() or (path / "model.pt").is_file() else "head"
-    metrics = _read_json(path / "metrics.json")
-    if not isinstance(metrics.get("history"), list):
-        raise DataError(f"{path / 'metrics.json'} has no training history: not written by mcpipe")
-    if metrics.get("format_version", METRICS_FORMAT) > METRICS_FORMAT:  # (older files have no version: 1)
-        raise DataError(f"{path / 'metrics.json'} has format version {metrics['format_version']}, this mcpipe "
-                        f"reads {METRICS_FORMAT}: report it with the mcpipe that wrote it")
+    metrics = read_metrics(path / "metrics.json")
     config, text = _read_toml(path / "config.toml")
     confusion = read_confusion(path / "confusion.csv") if (path / "confusion.csv").is_file() else None
     scores = path / "scores.csv" if (path / "scores.csv").is_file() else None

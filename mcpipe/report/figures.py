@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mcpipe.records import Epoch, read_history
+from mcpipe.records import Epoch
 
 DPI = 110
 CLEAN, FLIPPED, UNKNOWN = "#2b8a3e", "#c92a2a", "#868e96"
@@ -95,10 +95,9 @@ def score_histograms(panels: list[ScorePanel], path: Path) -> Path:
     return _save(fig, path)
 
 
-def training_curves(history: list[dict], path: Path) -> Path:
+def training_curves(rows: list[Epoch], path: Path) -> Path:
     """Training loss and accuracy per epoch (validation and test); the best epoch, chosen on validation top-1
     only, marked; finetune phases shaded and named. Runs without validation keys get no best-epoch mark."""
-    rows = read_history(history)
     epochs = [h.epoch for h in rows]
     style = "o-" if len(epochs) <= 30 else "-"
     fig = Figure(figsize=(9, 3.6), layout="constrained")

@@ -24,6 +24,7 @@ from mcpipe.report import figures
 from mcpipe.report.collect import Run, Scores, Sweep, is_sweep, read_run, read_scores, read_sweep
 from mcpipe.report.images import load_images
 from mcpipe.report.page import Section, Table, write_page
+from mcpipe.records import FinetuneMetrics, HeadMetrics
 from mcpipe.tables import align_columns
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,8 @@ def _run_section(run: Run, out: Path, rel: str, opts: Options, written: Written)
         s.notes.append(text)
         written.notes.append(f"{run.name}: {text}")
 
-    if run.metrics["history"]:
-        add(figures.training_curves(run.metrics["history"], out / "training_curves.png"),
+    if run.metrics.history:
+        add(figures.training_curves(run.metrics.history, out / "training_curves.png"),
             "Training loss (on the noisy labels) and test accuracy per epoch.")
     else:
         note("no epoch finished: no training curves")
@@ -129,37 +130,32 @@ def confused_pairs(counts: np.ndarray, classes: list[str], top: int = 10) -> Tab
 
 def _facts(run: Run) -> list[tuple[str, str]]:
     m = run.metrics
+    head = m if isinstance(m, HeadMetrics) else None  # what only train-head measures
     facts = [("kind", run.kind)]
     if run.subset_size is not None:
         facts.append(("subset size N", f"{run.subset_size}" + (" (softmax baseline)" if run.subset_size == 1 else "")))
-    noise = m.get("noise", {})
-    if noise:
-        facts.append(("label noise", f"{noise.get('kind')} at rate {noise.get('rate')} "
-                                     f"(realised {noise.get('realized_rate', float('nan')):.3f})"))
-    for key, name in (("train_images", "training images"), ("test_images", "test images")):
-        if key in m:
-            facts.append((name, f"{m[key]:,}"))
-    if "search" in m:
-        facts.append(("chosen on validation", f"{m['search']['chosen']} (of {len(m['search']['candidates'])} "
-                                              f"candidates{', refitted on all training rows' if m['search']['refit'] else ''})"))
-    if m.get("val_accuracy") is not None:
-        facts.append(("validation accuracy (given labels)", f"{m['val_accuracy']:.4f}"))
-    if m.get("val_clean_accuracy") is not None:
-        facts.append(("validation accuracy (true labels, reported only)", f"{m['val_clean_accuracy']:.4f}"))
-    if "label_issues" in m:
-        li = m["label_issues"]
+    if m.noise is not None:
+        facts.append(("label noise", f"{m.noise.kind} at rate {m.noise.rate} (realised {m.noise.realized_rate:.3f})"))
+    if head and head.search is not None:
+        s = head.search
+        facts.append(("chosen on validation", f"{s['chosen']} (of {len(s['candidates'])} "
+                                              f"candidates{', refitted on all training rows' if s['refit'] else ''})"))
+    if head and head.label_issues is not None:
+        li = head.label_issues
         facts.append(("labels flagged by the second round", f"{li['flagged']:,} ({li['estimated_noise_rate']:.1%})"
                       + (f", precision {li['precision']:.3f}, recall {li['recall']:.3f}" if "precision" in li else "")))
-    if m.get("test_accuracy") is not None:
-        facts.append(("test top-1 accuracy", f"{m['test_accuracy']:.4f}"))
-    if m.get("test_top5") is not None:
-        facts.append(("test top-5 accuracy", f"{m['test_top5']:.4f}"))
-    for name, d in m.get("detection", {}).items():
+    numbers = [("training images", m.train_images, ","), ("test images", head and head.test_images, ","),
+               ("validation accuracy (given labels)", head and head.val_accuracy, ".4f"),
+               ("validation accuracy (true labels, reported only)", head and head.val_clean_accuracy, ".4f"),
+               ("test top-1 accuracy", m.test_accuracy, ".4f"),
+               ("test top-5 accuracy", m.test_top5 if isinstance(m, FinetuneMetrics) else None, ".4f"),
+               ("training time", m.seconds, ".1f")]
+    facts += [(name, format(value, fmt) + (" s" if name == "training time" else ""))
+              for name, value, fmt in numbers if value is not None]
+    for name, d in ((head.detection or {}) if head else {}).items():
         facts.append((f"noise detection by {name} score", f"AUROC {d['auroc']:.3f}, average precision "
                                                          f"{d['average_precision']:.3f} ({d['flipped']:,} flipped "
                                                          f"of {d['known']:,} known)"))
-    if "seconds" in m:
-        facts.append(("training time", f"{m['seconds']:.1f} s"))
     return facts
 
 
@@ -177,7 +173,7 @@ def _judged_by(scores: Scores, path: Path) -> Scores:
 
 def _scores_figures(run: Run, out: Path, opts: Options, add, note) -> None:  # noqa: ANN001
     scores = read_scores(run.scores)
-    detection = run.metrics.get("detection", {})
+    detection = (run.metrics.detection if isinstance(run.metrics, HeadMetrics) else None) or {}
     if opts.labels is not None:
         scores = _judged_by(scores, opts.labels)
         detection = {name: detection_of(values, scores.known, scores.wrong) or {}
@@ -205,7 +201,8 @@ def _scores_figures(run: Run, out: Path, opts: Options, add, note) -> None:  # n
 def _suspects(run: Run, scores, known, flipped, out: Path, features: Path | None, k: int, add, note) -> None:  # noqa: ANN001
     if k <= 0:
         return
-    features = features or Path(run.metrics.get("features") or run.config.get("store", {}).get("dir", "features"))
+    recorded = run.metrics.features if isinstance(run.metrics, HeadMetrics) else None
+    features = features or Path(recorded or run.config.get("store", {}).get("dir", "features"))
     ids = scores.ids[:k]
     pixels, why = load_images(features / "train.h5", ids)
     if why is not None:
@@ -221,7 +218,7 @@ def _suspects(run: Run, scores, known, flipped, out: Path, features: Path | None
         elif known[i]:
             lines.append("checked: " + ("wrong" if flipped[i] else "right"))
         tiles.append(figures.Tile(px, tuple(lines), bool(flipped[i]) if known[i] else None))
-    ranked_by = run.metrics.get("ranked_by", "classifier")
+    ranked_by = (run.metrics.ranked_by if isinstance(run.metrics, HeadMetrics) else None) or "classifier"
     shown = [i for i, px in enumerate(pixels) if px is not None]
     title = f"The {len(tiles)} most suspect training images (lowest {ranked_by} score first)"
     if known[shown].any():
@@ -236,10 +233,10 @@ def _suspects(run: Run, scores, known, flipped, out: Path, features: Path | None
 def _run_summary(run: Run) -> str:
     m = run.metrics
     parts = [f"{run.name}: {run.kind} run"]
-    if m.get("test_accuracy") is not None:
-        parts.append(f"test top-1 {m['test_accuracy']:.4f}")
-    if run.auroc is not None:
-        parts.append(f"noise-detection AUROC {run.auroc:.3f} ({m.get('ranked_by')} score)")
+    if m.test_accuracy is not None:
+        parts.append(f"test top-1 {m.test_accuracy:.4f}")
+    if isinstance(m, HeadMetrics) and m.noise_detection_auroc is not None:
+        parts.append(f"noise-detection AUROC {m.noise_detection_auroc:.3f} ({m.ranked_by} score)")
     return ", ".join(parts)
 
 
@@ -295,7 +292,7 @@ def _sweep_report(sweep: Sweep, out: Path, opts: Options) -> Written:
     written = Written(out / "index.html")
     x, keys = _axes(sweep)
     table = pivot(sweep)
-    ranked = {r.metrics.get("ranked_by") for r in sweep.runs} - {None}
+    ranked = {r.metrics.ranked_by for r in sweep.runs if isinstance(r.metrics, HeadMetrics)} - {None}
     overview = Section(f"Sweep over {', '.join(sweep.keys) or 'one point'}: {len(sweep.runs)} runs",
                        tables=[table], config_text=sweep.config_text)
     overview.facts.append(("cells", "test top-1 accuracy (noise-detection AUROC of the "
