@@ -52,7 +52,7 @@ def mcpipe_epoch(root: Path, size: int, batch: int, workers: int, device: str) -
                              "cleaner.weighting=fc_fc_relu_sig"])
     with tempfile.TemporaryDirectory() as out:
         m = run(cfg, out=Path(out) / "run")
-    return m["history"][0]["images_per_second"]
+    return m.history[0].images_per_second
 
 
 def plain_epoch(root: Path, size: int, batch: int, workers: int, device: str) -> float:

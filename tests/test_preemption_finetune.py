@@ -253,6 +253,8 @@ def test_under_torchrun_a_sigterm_stops_both_ranks_at_one_step_and_resume_finish
     assert not re.search(r'File ".*/(mcpipe|finetune|extract)/', err), (why, err[-3000:])  # torchrun's own only
     assert position(out, world=2) == (epoch - 1, step), why
     res = run(cmd)
+    if res.returncode != 0:  # the whole of it in the failure's captured output (the assertion's is cut short)
+        print(why, res.stderr, sep="\n")
     assert res.returncode == 0, (why, res.stderr[-3000:])
     stdout, stderr = whole.communicate(timeout=TIMEOUT)
     assert whole.returncode == 0, stderr[-3000:]
