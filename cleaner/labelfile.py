@@ -71,8 +71,7 @@ def _estimate(run: Path) -> float | None:
         issues = read_metrics(run / "metrics.json").label_issues
     except DataError:
         return None
-    return None if not isinstance(issues, dict) or "estimated_noise_rate" not in issues else \
-        float(issues["estimated_noise_rate"])
+    return None if issues is None else float(issues.estimated_noise_rate)
 
 
 def clean(run: Path, out: Path, *, action: str = "keep", fraction: float | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score
 
+from mcpipe.records import Detection
+
 
 def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     """Share of ``pred == labels``; (M,) each."""
@@ -37,7 +39,7 @@ def label_truth(given: np.ndarray, clean: np.ndarray,
 
 
 def detection(clean_score: np.ndarray, known: np.ndarray, wrong: np.ndarray, *,
-              flag: int | None = None) -> dict[str, float] | None:
+              flag: int | None = None) -> Detection | None:
     """How well a clean score finds wrong labels, where it is known whether the label is right.
 
     Args:
@@ -47,23 +49,19 @@ def detection(clean_score: np.ndarray, known: np.ndarray, wrong: np.ndarray, *,
             "f1_at_estimate", the F1 of flagging that many lowest-scored images (of all M), as SimiFeat
             and Docta report detection.
 
-    Returns ``{"auroc", "average_precision", "flipped", "known"}`` with
-    "flipped" (known wrong) the positive class scored by ``-clean_score``,
-    or None when nothing is known or only one class occurs.
+    Returns the AUROC and average precision with "flipped" (known wrong) the
+    positive class scored by ``-clean_score``, and the counts, or None when
+    nothing is known or only one class occurs.
     """
     flipped = wrong[known]
     if not known.any() or flipped.all() or not flipped.any():
         return None
     score = np.asarray(clean_score, dtype=np.float64)
     suspicion = -score[known]
-    out = {
-        "auroc": float(roc_auc_score(flipped, suspicion)),
-        "average_precision": float(average_precision_score(flipped, suspicion)),
-        "flipped": int(flipped.sum()),
-        "known": int(known.sum()),
-    }
+    out = Detection(float(roc_auc_score(flipped, suspicion)), float(average_precision_score(flipped, suspicion)),
+                    int(flipped.sum()), int(known.sum()))
     if flag is not None:
         flagged = np.zeros(len(score), dtype=bool)
         flagged[np.argsort(score, kind="stable")[:flag]] = True
-        out["f1_at_estimate"] = float(f1_score(flipped, flagged[known], zero_division=0.0))
+        out.f1_at_estimate = float(f1_score(flipped, flagged[known], zero_division=0.0))
     return out

@@ -23,7 +23,7 @@ from mcpipe.cleaner.model import Head
 from mcpipe.cleaner.train import alpha_scores, predict, set_accuracy
 from mcpipe.config import Config, to_toml
 from mcpipe.faults import pause_at
-from mcpipe.records import HeadEpoch, HeadMetrics, Noise
+from mcpipe.records import HeadEpoch, HeadMetrics, LabelIssues, Noise
 from mcpipe.rundir import write_confusion
 from mcpipe.store.reader import FeatureStore
 from mcpipe.store.schema import PROVENANCE_KEYS
@@ -82,8 +82,8 @@ def finish(cfg: Config, prep: Prepared, head: Head, out: Path, labels: RunLabels
         m.label_issues = _issue_metrics(found.issues, known, wrong)
     rank = cfg.train.rank_by
     if found_by.get(rank) is not None:
-        m.noise_detection_auroc = found_by[rank]["auroc"]
-        m.noise_detection_ap = found_by[rank]["average_precision"]
+        m.noise_detection_auroc = found_by[rank].auroc
+        m.noise_detection_ap = found_by[rank].average_precision
     m.ranked_by = rank
     trained = found.labels if found is not None else given
     weights = found.weights if found is not None else np.ones(len(given))
@@ -121,13 +121,13 @@ def _validation_metrics(m: HeadMetrics, cfg: Config, head: Head, val: Validation
         m.val_clean_accuracy = accuracy(pred[known], val.clean[known])
 
 
-def _issue_metrics(issues: np.ndarray, known: np.ndarray, wrong: np.ndarray) -> dict:
+def _issue_metrics(issues: np.ndarray, known: np.ndarray, wrong: np.ndarray) -> LabelIssues:
     """How the second round's flags compare with the truth, where it is known."""
-    m = {"flagged": int(issues.sum()), "estimated_noise_rate": float(issues.mean())}
+    m = LabelIssues(int(issues.sum()), float(issues.mean()))
     if known.any():
         tp = int((issues & wrong & known).sum())
-        m["precision"] = tp / max(int((issues & known).sum()), 1)
-        m["recall"] = tp / max(int(wrong.sum()), 1)
+        m.precision = tp / max(int((issues & known).sum()), 1)
+        m.recall = tp / max(int(wrong.sum()), 1)
     return m
 
 

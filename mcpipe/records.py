@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mcpipe.atomic import write_json_atomic
 from mcpipe.errors import DataError
@@ -32,10 +32,29 @@ def _plain(value: Any) -> Any:
         return value.to_dict()
     if isinstance(value, list):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _read(kind: type, value: Any, *, by_name: bool = False) -> Any:
+    """A file's value as ``kind``'s record: one dict, a list of them, or (``by_name``) a dict of them; what is
+    none of these is left as it is."""
+    if by_name and isinstance(value, dict):
+        return {k: kind.from_dict(v) if isinstance(v, dict) else v for k, v in value.items()}
+    if isinstance(value, dict):
+        return kind.from_dict(value)
+    if isinstance(value, list):
+        return [kind.from_dict(v) if isinstance(v, dict) else v for v in value]
     return value
 
 
 class _Record:
+    # fields holding records, read back from the file's dicts: one record or a list of them (``nested``), or a
+    # dict of them by name (``nested_by_name``)
+    nested: ClassVar[dict[str, type]] = {}
+    nested_by_name: ClassVar[dict[str, type]] = {}
+
     def to_dict(self) -> dict[str, Any]:
         """As metrics.json holds it: fields in definition order, None left out (but for :func:`_always`
         fields), nested records as dicts."""
@@ -46,7 +65,14 @@ class _Record:
     def from_dict(cls, d: dict[str, Any]):  # noqa: ANN206
         """The record of a file's dict; keys it does not know (a newer mcpipe's) are ignored."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        for name, kind in cls.nested.items():
+            if name in values:
+                values[name] = _read(kind, values[name])
+        for name, kind in cls.nested_by_name.items():
+            if name in values:
+                values[name] = _read(kind, values[name], by_name=True)
+        return cls(**values)
 
 
 @dataclass
@@ -108,11 +134,36 @@ class Noise(_Record):
 
 
 @dataclass
+class Detection(_Record):
+    """How well a clean score finds the wrong labels among those whose truth is known
+    (``mcpipe.cleaner.metrics.detection``): ``flipped`` (known wrong, the positive class) of ``known``."""
+
+    auroc: float
+    average_precision: float
+    flipped: int
+    known: int
+    f1_at_estimate: float | None = None  # flagging as many as the run estimates wrong (its second round)
+
+
+@dataclass
+class LabelIssues(_Record):
+    """The second round's flags (confident learning on the search's cross-validated probabilities); precision
+    and recall where the truth is known."""
+
+    flagged: int
+    estimated_noise_rate: float
+    precision: float | None = None
+    recall: float | None = None
+
+
+@dataclass
 class HeadMetrics(_Record):
     """A train-head run's ``metrics.json``. ``detection``: per score (alpha, classifier, knn, cross_validated)
-    the noise-detection numbers of ``mcpipe.cleaner.metrics.detection``; ``search``: the automatic search's
-    candidates and choice; ``label_issues``: the second round's flags (``flagged``, ``estimated_noise_rate``,
-    precision and recall where the truth is known)."""
+    how well it finds the wrong labels; ``search``: the automatic search's candidates (``Candidate.record()``
+    of ``mcpipe.cleaner.auto``) and choice."""
+
+    nested: ClassVar[dict[str, type]] = {"history": HeadEpoch, "noise": Noise, "label_issues": LabelIssues}
+    nested_by_name: ClassVar[dict[str, type]] = {"detection": Detection}
 
     format_version: int = METRICS_FORMAT
     history: list[HeadEpoch] = field(default_factory=list)
@@ -131,19 +182,13 @@ class HeadMetrics(_Record):
     test_accuracy_before_refit: float | None = None
     test_images: int | None = None
     set_accuracy: float | None = None
-    detection: dict[str, dict] | None = None
-    label_issues: dict | None = None
+    detection: dict[str, Detection] | None = None
+    label_issues: LabelIssues | None = None
     noise_detection_auroc: float | None = None  # of the ranked_by score
     noise_detection_ap: float | None = None
     ranked_by: str | None = None
     seconds: float | None = None
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HeadMetrics":
-        m = super().from_dict(d)
-        m.history = [HeadEpoch.from_dict(r) for r in d.get("history") or []]
-        m.noise = Noise.from_dict(m.noise) if isinstance(m.noise, dict) else None
-        return m
 
 
 @dataclass
@@ -151,6 +196,8 @@ class FinetuneMetrics(_Record):
     """A finetune run's ``metrics.json``: the history, the best epoch chosen on validation (never on test), and
     the exported model's test numbers. ``phases``: ``{"name", "epochs", "split"}`` per phase; ``start``: with
     ``--head``, the evaluation before any step (epoch 0)."""
+
+    nested: ClassVar[dict[str, type]] = {"history": FinetuneEpoch, "noise": Noise, "start": FinetuneEpoch}
 
     format_version: int = METRICS_FORMAT
     history: list[FinetuneEpoch] = field(default_factory=list)
@@ -173,13 +220,6 @@ class FinetuneMetrics(_Record):
     test_top5: float | None = None
     test_accuracy_last_epoch: float | None = None
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FinetuneMetrics":
-        m = super().from_dict(d)
-        m.history = [FinetuneEpoch.from_dict(r) for r in d.get("history") or []]
-        m.noise = Noise.from_dict(m.noise) if isinstance(m.noise, dict) else None
-        m.start = FinetuneEpoch.from_dict(m.start) if isinstance(m.start, dict) else None
-        return m
 
 
 Metrics = HeadMetrics | FinetuneMetrics
@@ -200,9 +240,13 @@ def read_metrics(path: Path) -> Metrics:
     if not isinstance(version, int) or version > METRICS_FORMAT:
         raise DataError(f"{path} has format version {version}, this mcpipe reads {METRICS_FORMAT}: use the "
                         "mcpipe that wrote it")
-    return (FinetuneMetrics if "phases" in d else HeadMetrics).from_dict(d)
+    try:
+        return (FinetuneMetrics if "phases" in d else HeadMetrics).from_dict(d)
+    except TypeError as exc:  # a record without a key it needs
+        raise DataError(f"{path} is not a metrics.json written by mcpipe: {exc}") from None
 
 
 def write_metrics(metrics: Metrics, path: Path) -> None:
     """``metrics`` as ``path`` (atomically: a reader sees the old file or the new one)."""
     write_json_atomic(metrics.to_dict(), path)
+

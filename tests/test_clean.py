@@ -24,7 +24,8 @@ def run(tmp_path):
     lines = [HEADER] + [f"{i + 1},img{i},fit,{'a' if i % 2 else 'b'},b,,,0.5,{0.9 - i / 20:.5f},0.5,{i / 10:.5f},,"
                         for i in range(10)]
     (d / "scores.csv").write_text("\n".join(lines) + "\n")
-    (d / "metrics.json").write_text(json.dumps({"history": [], "label_issues": {"estimated_noise_rate": 0.3}}))
+    metrics = {"history": [], "label_issues": {"flagged": 3, "estimated_noise_rate": 0.3}}
+    (d / "metrics.json").write_text(json.dumps(metrics))
     return d
 
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from mcpipe.errors import DataError
-from mcpipe.records import (FinetuneEpoch, FinetuneMetrics, HeadEpoch, HeadMetrics, Noise, read_metrics,
-                            write_metrics)
+from mcpipe.records import (Detection, FinetuneEpoch, FinetuneMetrics, HeadEpoch, HeadMetrics, LabelIssues, Noise,
+                            read_metrics, write_metrics)
 
 # as train-head and finetune wrote them before the records existed (keys in the order they were written)
 HEAD = {"format_version": 1, "history": [{"epoch": 1, "loss": 0.9, "lr": 0.1, "images_per_second": 1e4,
@@ -17,7 +17,11 @@ HEAD = {"format_version": 1, "history": [{"epoch": 1, "loss": 0.9, "lr": 0.1, "i
         "train_images": 100, "subset_size": 4, "noise": {"kind": "symmetric", "rate": 0.4, "realized_rate": 0.36},
         "features": "/f", "chosen_on": "val", "validation": {"source": "hold-out", "images": 10},
         "val_accuracy": 0.5, "val_clean_accuracy": 0.7, "test_accuracy": 0.6, "test_images": 50,
-        "set_accuracy": 0.8, "detection": {"classifier": {"auroc": 0.9}}, "noise_detection_auroc": 0.9,
+        "set_accuracy": 0.8,
+        "detection": {"classifier": {"auroc": 0.9, "average_precision": 0.8, "flipped": 4, "known": 10,
+                                     "f1_at_estimate": 0.7}},
+        "label_issues": {"flagged": 4, "estimated_noise_rate": 0.4, "precision": 0.75, "recall": 0.75},
+        "noise_detection_auroc": 0.9,
         "noise_detection_ap": 0.8, "ranked_by": "classifier", "seconds": 1.5}
 FINETUNE = {"format_version": 1, "history": [{"epoch": 1, "phase": "cleaner", "loss": 1.2, "lr": 0.01,
                                               "backbone_lr": 0.001, "backbone_trained": True,
@@ -37,6 +41,8 @@ def test_a_file_read_and_written_again_is_the_same_file(written, tmp_path):
     m = read_metrics(path)
     assert isinstance(m, FinetuneMetrics if "phases" in written else HeadMetrics)
     assert isinstance(m.noise, Noise) and all(isinstance(h, (HeadEpoch, FinetuneEpoch)) for h in m.history)
+    if isinstance(m, HeadMetrics):
+        assert isinstance(m.detection["classifier"], Detection) and isinstance(m.label_issues, LabelIssues)
     again = tmp_path / "again.json"
     write_metrics(m, again)
     assert again.read_text() == path.read_text()  # the same keys, values and order
@@ -54,7 +60,8 @@ def test_a_newer_files_extra_keys_are_ignored_and_its_epochs_answer_the_reports_
 
 @pytest.mark.parametrize("text, says", [("{", "not valid JSON"), ("[]", "no training history"),
                                         ('{"history": 3}', "no training history"),
-                                        ('{"history": [], "format_version": 2}', "format version 2")])
+                                        ('{"history": [], "format_version": 2}', "format version 2"),
+                                        ('{"history": [], "detection": {"alpha": {"auroc": 1}}}', "not a metrics.json")])
 def test_what_is_not_a_metrics_file_of_this_version_is_refused(text, says, tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text(text)

@@ -142,8 +142,8 @@ def _facts(run: Run) -> list[tuple[str, str]]:
                                               f"candidates{', refitted on all training rows' if s['refit'] else ''})"))
     if head and head.label_issues is not None:
         li = head.label_issues
-        facts.append(("labels flagged by the second round", f"{li['flagged']:,} ({li['estimated_noise_rate']:.1%})"
-                      + (f", precision {li['precision']:.3f}, recall {li['recall']:.3f}" if "precision" in li else "")))
+        facts.append(("labels flagged by the second round", f"{li.flagged:,} ({li.estimated_noise_rate:.1%})"
+                      + ("" if li.precision is None else f", precision {li.precision:.3f}, recall {li.recall:.3f}")))
     numbers = [("training images", m.train_images, ","), ("test images", head and head.test_images, ","),
                ("validation accuracy (given labels)", head and head.val_accuracy, ".4f"),
                ("validation accuracy (true labels, reported only)", head and head.val_clean_accuracy, ".4f"),
@@ -153,9 +153,9 @@ def _facts(run: Run) -> list[tuple[str, str]]:
     facts += [(name, format(value, fmt) + (" s" if name == "training time" else ""))
               for name, value, fmt in numbers if value is not None]
     for name, d in ((head.detection or {}) if head else {}).items():
-        facts.append((f"noise detection by {name} score", f"AUROC {d['auroc']:.3f}, average precision "
-                                                         f"{d['average_precision']:.3f} ({d['flipped']:,} flipped "
-                                                         f"of {d['known']:,} known)"))
+        facts.append((f"noise detection by {name} score", f"AUROC {d.auroc:.3f}, average precision "
+                                                         f"{d.average_precision:.3f} ({d.flipped:,} flipped "
+                                                         f"of {d.known:,} known)"))
     return facts
 
 
@@ -176,7 +176,7 @@ def _scores_figures(run: Run, out: Path, opts: Options, add, note) -> None:  # n
     detection = (run.metrics.detection if isinstance(run.metrics, HeadMetrics) else None) or {}
     if opts.labels is not None:
         scores = _judged_by(scores, opts.labels)
-        detection = {name: detection_of(values, scores.known, scores.wrong) or {}
+        detection = {name: detection_of(values, scores.known, scores.wrong)
                      for name, values in (("alpha", scores.alpha), ("classifier", scores.classifier))}
         note(f"known-right and known-wrong labels from {opts.labels}, not from the run")
     known, flipped = scores.known, scores.wrong
@@ -185,9 +185,10 @@ def _scores_figures(run: Run, out: Path, opts: Options, add, note) -> None:  # n
     if known.any() and flipped.any() and not flipped[known].all():
         for name in names:
             values = scores.alpha if name == "alpha" else scores.classifier
+            found = detection.get(name)
             panels.append(figures.ScorePanel(SCORE_NAMES[name], "score (higher = label looks right)",
                                              values[known & ~flipped], values[flipped],
-                                             detection.get(name, {}).get("auroc")))
+                                             None if found is None else found.auroc))
         add(figures.score_histograms(panels, out / "scores.png"),
             "How well each score separates images whose given label is known right from those known flipped.")
         if "alpha" not in names:
