@@ -27,10 +27,11 @@ from torch.utils.data import DataLoader
 
 import mcpipe
 from mcpipe import distributed
+from mcpipe.atomic import write_text_atomic
 from mcpipe.config import Config, to_toml
 from mcpipe.devices import resolve_device
 from mcpipe.distributed import DistInfo
-from mcpipe.errors import DataError, write_error
+from mcpipe.errors import DataError
 from mcpipe.extract.backbones import Backbone, build_backbone, optimize_for_inference
 from mcpipe.extract.data import BlockSampler, IndexImages, ignore_stop_signals
 from mcpipe.extract.distributed import block_range, join_shards, shard_path
@@ -199,16 +200,24 @@ def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, inf
     if not overwrite and _already_complete(path, spec):
         result.complete = result.already_done = True
         return result
-    if not info.enabled:
+    if info.enabled:
+        _extract_sharded(ex, index, spec, spec_for, block_rows, result, out=out, info=info, overwrite=overwrite)
+    else:
         _stop_now(ex, info, path, path, len(index), overwrite=overwrite)
         with StoreWriter.open(path, spec, overwrite=overwrite, sync_seconds=ex.cfg.store.sync_seconds) as writer:
             if block_rows != ex.cfg.extract.batch_size:
                 log.info("resuming %s in its own blocks of %d rows", path, block_rows)
             _fill(ex, writer, index, result, label=index.split)
         _stop_now(ex, info, path, path, len(index), overwrite=overwrite)
-        result.complete = bool(_already_complete(path, spec))
-        return result
+    result.complete = bool(_already_complete(path, spec))
+    return result
 
+
+def _extract_sharded(ex: _Extractor, index: SplitIndex, spec: StoreSpec, spec_for, block_rows: int,
+                     result: SplitResult, *, out: Path, info: DistInfo, overwrite: bool) -> None:
+    """Under torchrun: each rank extracts its range of blocks into its own shard store, then rank 0 joins the
+    shards into ``out/<split>.h5`` (and removes them) while the others wait."""
+    path = result.path
     num_blocks = -(-len(index) // block_rows)
     ranges = [block_range(num_blocks, DistInfo(r, info.world_size)) for r in range(info.world_size)]
     first, stop = ranges[info.rank]
@@ -229,8 +238,6 @@ def extract_split(ex: _Extractor, index: SplitIndex, spec_for, *, out: Path, inf
             p.unlink(missing_ok=True)
         log.info("joined %d shards into %s", len(shards), path)
     distributed.barrier(info)
-    result.complete = _already_complete(path, spec)
-    return result
 
 
 def run(cfg: Config, *, out: Path | None = None, overwrite: bool = False, progress: bool = True) -> list[SplitResult]:
@@ -268,10 +275,8 @@ def _run(cfg: Config, *, out: Path, overwrite: bool, progress: bool, stop: StopR
             for index in indexes:
                 results.append(extract_split(ex, index, spec_for, out=out, info=info, overwrite=overwrite))
         if info.is_main:
-            try:
-                (out / "config.toml").write_text(to_toml(cfg, ("data", "extract", "store")), encoding="utf-8")
-            except OSError as exc:
-                raise write_error(out / "config.toml", exc, then="the stores are complete") from None
+            write_text_atomic(to_toml(cfg, ("data", "extract", "store")), out / "config.toml",
+                              then="the stores are complete")
         return results
     finally:
         distributed.shutdown(info)

@@ -55,14 +55,15 @@ def save_atomic(obj: dict, path: Path) -> None:
         raise write_error(path, exc, then=KEPT) from None
 
 
-def write_text_atomic(text: str, path: Path) -> None:
-    """UTF-8 text, written atomically; a failed write is a one-line DataError (the previous file is kept)."""
+def write_text_atomic(text: str, path: Path, *, then: str = KEPT) -> None:
+    """UTF-8 text, written atomically; a failed write is a one-line DataError (the previous file is kept),
+    ending with ``then``."""
     try:
         with replacing(path) as tmp:
             with open(tmp, "w", encoding="utf-8", newline="") as f:
                 f.write(text)
     except OSError as exc:
-        raise write_error(path, exc, then=KEPT) from None
+        raise write_error(path, exc, then=then) from None
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
