@@ -90,3 +90,12 @@ def stop_on_signals(resume_hint: str = RESUME_HINT) -> Iterator[StopRequest]:
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
+
+
+def ignore_further_signals() -> None:
+    """After a stop's checkpoint, while the process exits (which can take seconds: threads, DataLoader workers,
+    torch's teardown): SIGTERM/SIGUSR1 are ignored, so a repeated signal cannot turn the exit code that says
+    "preempted, resume me" into a kill. In the main thread only (elsewhere, nothing to do)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)

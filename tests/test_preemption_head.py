@@ -150,6 +150,24 @@ def test_a_second_signal_stops_at_once(big, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_signal_while_a_stopped_run_exits_does_not_turn_its_exit_code_into_a_kill(big, tmp_path):
+    """The stop's line is printed, the checkpoint written; the process is exiting (torch's teardown can take
+    seconds) when the scheduler repeats its SIGTERM: still exit 75, not killed by the signal."""
+    out = tmp_path / "run"
+    proc = start("train-head", "--features", big, "--out", out, *FIXED, "--set", "train.batch_size=64")
+    wait_for(out, "config.toml", proc)
+    proc.send_signal(signal.SIGTERM)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "stopped on SIGTERM" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, "".join(seen) + err
+
+
+@pytest.mark.slow
 def test_sweep_stops_resumably_and_continues_to_the_same_results(feats, tmp_path):
     grid = ["--set", "sweep.cleaner.subset_size=[2, 1]"]
     assert run("sweep", "--features", feats, "--out", tmp_path / "ref", *FIXED, *grid).returncode == 0
