@@ -17,7 +17,9 @@ with_pip() {
   "$py" -m pip install --quiet -e "$spec"
 }
 
-if [ "${MCPIPE_INSTALL_WITH:-uv}" = pip ] || ! "$py" -m pip install --quiet uv >/dev/null 2>&1; then
+# (one short try: where the index cannot be reached, pip's own retries would wait minutes before the fallback)
+if [ "${MCPIPE_INSTALL_WITH:-uv}" = pip ] || \
+    ! "$py" -m pip install --quiet --retries 1 --timeout 15 uv >/dev/null 2>&1; then
   with_pip
   exit 0
 fi
