@@ -177,8 +177,6 @@ def _stop_now(ex: _Extractor, info: DistInfo, rows_in: Path, store: Path, total:
         return
     stop, rows = distributed.sum_over_ranks(info, [int(ex.stop.requested), _rows_written(rows_in)], ex.device)
     if stop and rows < total:
-        if not ex.stop.requested:  # another rank's signal: this one stops with it
-            ex.stop.signal_name = ex.stop.signal_name or "another rank's signal"
         raise ex.stop.preempted(f"{rows:,} of {total:,} rows of {store.name} written ({store})",
                                 _RESUME_OVERWRITTEN if overwrite else _RESUME)
 

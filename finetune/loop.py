@@ -304,15 +304,8 @@ def _stop_if_asked(job: Job, epoch: int) -> None:
     0 has written."""
     stop = on_every_rank([job.stop.requested], job.info, job.device)[0]
     if stop and epoch < job.total_epochs:  # after the last epoch only the export is left: it is finished
-        _stop_with_the_others(job.stop)
         raise job.stop.preempted(f"checkpoint at the end of epoch {epoch} of {job.total_epochs} written to "
                                  f"{checkpoint.path_of(job.out)}")
-
-
-def _stop_with_the_others(stop: StopRequest) -> None:
-    """A rank that got no signal itself stops because another one did: its line says so."""
-    if not stop.requested:
-        stop.signal_name = stop.signal_name or "another rank's signal"
 
 
 @dataclass
@@ -341,8 +334,7 @@ class _StepCheckpoints:
         self.clock.restart()
         barrier(job.info)  # no rank leaves before rank 0 has written: torchrun ends the others when one exits
         if stop:
-            _stop_with_the_others(job.stop)
-            raise job.stop.preempted(f"checkpoint at epoch {state.epoch + 1} of {job.total_epochs}, step "
+                raise job.stop.preempted(f"checkpoint at epoch {state.epoch + 1} of {job.total_epochs}, step "
                                      f"{state.step} of {state.steps} written to {checkpoint.path_of(job.out)}")
 
     def checkpoint(self, *, epoch: int, step: int = 0, partial: dict | None = None,

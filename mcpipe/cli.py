@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 from mcpipe.config import Config, load_config, replace
 from mcpipe.errors import ConfigError, MCPipeError
 from mcpipe.rundir import resume_mode
-from mcpipe.stopping import Preempted, ignore_further_signals
+from mcpipe.stopping import Preempted
 
 if TYPE_CHECKING:
     from mcpipe.records import FinetuneMetrics, HeadMetrics
@@ -126,7 +126,6 @@ def guarded(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except Preempted as exc:  # a signal, after a checkpoint: not an error, a requeue
-            ignore_further_signals()  # the checkpoint is written; a repeat must not turn exit 75 into a kill
             typer.echo(str(exc), err=True)
             raise typer.Exit(exc.exit_code) from None
         except MCPipeError as exc:

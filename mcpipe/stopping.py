@@ -48,8 +48,10 @@ class StopRequest:
 
     def preempted(self, what: str, resume: str | None = None) -> Preempted:
         """The exception to raise once the checkpoint is written: ``what`` was saved, ``resume`` (default
-        ``resume_hint``) says how to continue."""
-        return Preempted(f"stopped on {self.signal_name or 'request'}: {what}; {resume or self.resume_hint}")
+        ``resume_hint``) says how to continue. Raised with no request of its own, the process stops with the
+        others under torchrun (their flags are all-reduced): its line says so."""
+        why = (self.signal_name or "request") if self.requested else "another rank's signal"
+        return Preempted(f"stopped on {why}: {what}; {resume or self.resume_hint}")
 
     @contextmanager
     def at_once(self, what: str, resume: str | None = None) -> Iterator[None]:
@@ -68,6 +70,11 @@ class StopRequest:
 def stop_on_signals(resume_hint: str = RESUME_HINT) -> Iterator[StopRequest]:
     """Within the block the first SIGTERM/SIGUSR1 sets ``requested``; a second raises ``KeyboardInterrupt``.
 
+    When the block ends by a stop (``Preempted``, or the second signal's ``KeyboardInterrupt``) the process is
+    only exiting, which can take seconds (threads, DataLoader workers, torch's teardown): the signals are then
+    ignored rather than given back their old handlers, so a repeated SIGTERM cannot turn the exit code that says
+    "preempted, resume me" (75) into a kill. Otherwise the old handlers come back.
+
     Outside the main thread (signal handlers can only be set there) the block only yields a request that
     nothing sets."""
     stop = StopRequest(resume_hint=resume_hint)
@@ -85,17 +92,12 @@ def stop_on_signals(resume_hint: str = RESUME_HINT) -> Iterator[StopRequest]:
             raise stop.preempted(*stop._at_once)
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    stopping = False
     try:
         yield stop
+    except (Preempted, KeyboardInterrupt):
+        stopping = True
+        raise
     finally:
         for s, old in previous.items():
-            signal.signal(s, old)
-
-
-def ignore_further_signals() -> None:
-    """After a stop's checkpoint, while the process exits (which can take seconds: threads, DataLoader workers,
-    torch's teardown): SIGTERM/SIGUSR1 are ignored, so a repeated signal cannot turn the exit code that says
-    "preempted, resume me" into a kill. In the main thread only (elsewhere, nothing to do)."""
-    if threading.current_thread() is threading.main_thread():
-        for s in SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
+            signal.signal(s, signal.SIG_IGN if stopping else old)
